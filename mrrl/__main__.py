@@ -1,0 +1,3 @@
+from mrrl.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""The ``mrrl`` console script (also ``python -m mrrl``): compose ``conf/config.yaml``, run ``stage=``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mrrl")
+
+
+def find_config_dir() -> str:
+    """``conf/`` beside the package (editable install / source checkout), or ``$MRRL_CONFIG_DIR``."""
+    candidates = [os.environ.get("MRRL_CONFIG_DIR"), Path(__file__).resolve().parent.parent / "conf"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.yaml").is_file():
+            return str(Path(candidate).resolve())
+    raise SystemExit(
+        "mrrl: cannot find its Hydra configs (conf/config.yaml). Install mrrl in editable mode from a source "
+        "checkout (`make install`) or set MRRL_CONFIG_DIR=<checkout>/conf."
+    )
+
+
+CONFIG_DIR = find_config_dir()
+
+
+def run_stage(cfg: DictConfig):
+    """Seed, pick the run directory, run the stage; user errors become one message and exit status 1."""
+    from mrrl.errors import MrrlError
+    from mrrl.runtime import run_dir_from_hydra, seed_everything
+    from mrrl.stages import get_stage
+
+    run_dir = run_dir_from_hydra(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(cfg.seed)
+    try:
+        stage = get_stage(cfg.stage.name)
+        return stage(cfg, run_dir)
+    except MrrlError as exc:
+        print(f"mrrl: error: {exc}", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig):
+    return run_stage(cfg)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

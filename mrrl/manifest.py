@@ -1,0 +1,66 @@
+"""Stage manifests: the small JSON each stage writes last, and the next stage reads to find its inputs.
+
+A manifest is written atomically and only when the stage has finished, so its presence with
+``status == "complete"`` means every file it names is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mrrl.errors import ManifestError
+from mrrl.utils.io import atomic_write_json
+
+MANIFEST_NAME = "manifest.json"
+
+
+def write_manifest(run_dir: str | Path, stage: str, outputs: Mapping[str, Any], config: Any = None) -> Path:
+    import torch
+
+    import mrrl
+
+    payload = {
+        "stage": stage,
+        "status": "complete",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(Path(run_dir).resolve()),
+        "versions": {"mrrl": mrrl.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "outputs": dict(outputs),
+    }
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        payload["config"] = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    return atomic_write_json(Path(run_dir) / MANIFEST_NAME, payload)
+
+
+def manifest_path(experiment_dir: str | Path, stage: str) -> Path:
+    return Path(experiment_dir) / stage / MANIFEST_NAME
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    path = Path(run_dir) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_manifest(experiment_dir: str | Path, stage: str, hint: str | None = None) -> dict[str, Any]:
+    """Read ``<experiment_dir>/<stage>/manifest.json``; a missing/incomplete one says how to produce it."""
+    path = manifest_path(experiment_dir, stage)
+    how = hint or f"run `mrrl stage={stage}` with the same experiment first"
+    if not path.is_file():
+        raise ManifestError(f"no {stage} manifest at {path}: {how}")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}): rerun the {stage} stage") from exc
+    if payload.get("status") != "complete":
+        raise ManifestError(f"{path} says the {stage} stage did not finish: {how}")
+    return payload

@@ -1,0 +1,68 @@
+"""``mrrl-pipeline experiment=<name> [overrides]``: run the experiment's stages in order.
+
+Each stage runs as its own ``python -m mrrl stage=<name>`` process (a clean process per stage, and
+Lightning's DDP can re-execute it), finds its inputs in the previous stages' manifests, is skipped when
+its manifest says it finished (unless ``pipeline.force=true``) and resumes from its last checkpoint when
+it was interrupted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mrrl.cli import CONFIG_DIR
+from mrrl.manifest import is_complete
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _format_elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def run_pipeline(overrides: Sequence[str]) -> int:
+    cfg = compose_config(overrides)
+    stages = list(cfg.pipeline.stages)
+    force = bool(cfg.pipeline.force)
+    stage_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("pipeline.", "stage="))]
+    experiment_dir = Path(cfg.paths.run_root) / cfg.experiment_name
+    print(f"mrrl-pipeline: experiment '{cfg.experiment_name}' → {experiment_dir} ({len(stages)} stages)", flush=True)
+    start = time.monotonic()
+    for index, stage in enumerate(stages, 1):
+        prefix = f"[{index}/{len(stages)}] {stage:<12}"
+        if not force and is_complete(experiment_dir / stage):
+            print(f"{prefix} skipped (finished earlier; pipeline.force=true reruns it)", flush=True)
+            continue
+        t0 = time.monotonic()
+        print(f"{prefix} running ...", flush=True)
+        result = subprocess.run([sys.executable, "-m", "mrrl", f"stage={stage}", *stage_overrides])
+        elapsed = _format_elapsed(time.monotonic() - t0)
+        if result.returncode != 0:
+            print(f"{prefix} FAILED after {elapsed} (exit {result.returncode}); rerun to resume", flush=True)
+            return result.returncode
+        print(f"{prefix} done in {elapsed}", flush=True)
+    print(f"mrrl-pipeline: all stages done in {_format_elapsed(time.monotonic() - start)}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return
+    sys.exit(run_pipeline(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Stage registry: ``stage=<name>`` runs ``run(cfg, run_dir)`` of the module named here (imported lazily)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mrrl.errors import ConfigError
+
+STAGES: dict[str, str] = {
+    "check_data": "mrrl.stages.check_data",
+}
+
+
+def get_stage(name: str) -> Callable[[Any, Path], dict[str, Any] | None]:
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; available: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name]).run

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny datasets written in the real BraTS 2019 / OASIS-1 layouts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrrl.data.layouts import write_brats_case, write_oasis_csv, write_oasis_subject
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def blob_volume(seed: int, shape=(20, 24, 18), lesion: float = 0.0) -> np.ndarray:
+    """A brain-like ellipsoid with smooth texture and an optional bright blob, background exactly 0."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.8, 0.85, 0.75])[:, None, None, None]) ** 2).sum(0))
+    brain = (radius < 1).astype(np.float32)
+    texture = 100 + 20 * np.sin(3 * grid[0] + rng.uniform(0, 6)) + rng.normal(0, 3, shape)
+    volume = brain * texture
+    if lesion:
+        centre = rng.uniform(-0.3, 0.3, 3)[:, None, None, None]
+        volume += brain * lesion * np.exp(-(((grid - centre) ** 2).sum(0)) / 0.05)
+    return volume.astype(np.float32)
+
+
+def make_brats(root: Path, n_hgg: int = 4, n_lgg: int = 4, modalities=("t1", "t1ce", "t2", "flair")) -> Path:
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-like on disk, so orientation to RAS matters
+    for grade, n, lesion in (("HGG", n_hgg, 80.0), ("LGG", n_lgg, 30.0)):
+        for i in range(n):
+            case = f"BraTS19_TEST_{grade}_{i:03d}"
+            vols = {m: blob_volume(hash((grade, i, m)) % 2**31, lesion=lesion) for m in modalities}
+            vols["seg"] = (vols[modalities[0]] > 115).astype(np.uint8)
+            write_brats_case(root, grade, case, vols, affine)
+    (root / "name_mapping.csv").write_text("BraTS_2019_subject_ID\n")
+    return root
+
+
+def make_oasis(root: Path, n_ad: int = 4, n_cn: int = 4, n_nocdr: int = 1) -> Path:
+    rows = []
+    index = 1
+    for label, n in (("AD", n_ad), ("CN", n_cn), (None, n_nocdr)):
+        for _ in range(n):
+            subject = f"OAS1_{index:04d}"
+            cdr = {"AD": 1.0, "CN": 0.0, None: None}[label]
+            write_oasis_subject(root, subject, blob_volume(index, lesion=0.0), disc=1 + index % 2,
+                                n_variant="n3" if index % 3 == 0 else "n4")
+            rows.append({"ID": f"{subject}_MR1", "M/F": "F", "Hand": "R", "Age": 70, "CDR": cdr, "MMSE": 27})
+            index += 1
+    write_oasis_csv(root, rows)
+    return root
+
+
+@pytest.fixture
+def brats_root(tmp_path: Path) -> Path:
+    return make_brats(tmp_path / "brats")
+
+
+@pytest.fixture
+def oasis_root(tmp_path: Path) -> Path:
+    return make_oasis(tmp_path / "oasis")
