@@ -1,0 +1,80 @@
+"""Every config group combination composes, resolves and instantiates."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mrrl.cli import CONFIG_DIR
+from mrrl.runtime import build_datamodule, build_loggers, trainer_kwargs
+from mrrl.stages import STAGES
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_groups_exist() -> None:
+    assert {"brats2019", "oasis1", "phantom_tumor", "phantom_atrophy"} <= set(options("data"))
+    assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("trainer"))
+    assert {"csv", "wandb", "none"} <= set(options("logger"))
+    assert {"demo", "demo_atrophy", "brats2019", "oasis1"} <= set(options("experiment"))
+    assert set(options("stage")) == set(STAGES)
+
+
+COMBINATIONS = list(
+    itertools.product(options("data"), options("stage"), options("trainer"), options("logger"))
+)
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+@pytest.mark.parametrize(("data", "stage", "trainer", "logger"), COMBINATIONS)
+def test_every_combination_instantiates(tmp_path: Path, data: str, stage: str, trainer: str, logger: str) -> None:
+    cfg = _compose(
+        [f"data={data}", f"stage={stage}", f"trainer={trainer}", f"logger={logger}", f"paths.run_root={tmp_path}",
+         "data.root=/some/where"]
+    )
+    dm = build_datamodule(cfg)
+    assert dm.name == data and dm.num_classes == 2
+    loggers = build_loggers(cfg, tmp_path)
+    assert len(loggers) == {"none": 0, "csv": 1, "wandb": 2}[logger]
+    kwargs = trainer_kwargs(cfg)
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters)
+    assert set(kwargs) <= accepted
+    if kwargs["accelerator"] == "cpu":
+        # Instantiating a CPU trainer validates strategy/precision/devices combinations for real.
+        L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  default_root_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_compose(tmp_path: Path, experiment: str) -> None:
+    cfg = _compose([f"experiment={experiment}", f"paths.run_root={tmp_path}"])
+    assert cfg.experiment_name == experiment
+    assert all(stage in STAGES for stage in cfg.pipeline.stages)
+    if experiment.startswith("demo"):
+        assert cfg.trainer.accelerator == "cpu" and cfg.data.phantom is not None
+
+
+def test_ddp_is_four_gpus_bf16() -> None:
+    cfg = _compose(["trainer=ddp"])
+    assert (cfg.trainer.devices, cfg.trainer.precision, cfg.trainer.strategy) == (4, "bf16-mixed", "ddp")
+    cpu = _compose(["trainer=ddp_cpu"])
+    assert (cpu.trainer.accelerator, cpu.trainer.devices) == ("cpu", 2)
+
+
+def test_missing_real_data_root_is_a_clear_error(monkeypatch) -> None:
+    from mrrl.errors import ConfigError
+
+    monkeypatch.delenv("BRATS2019_ROOT", raising=False)
+    with pytest.raises(ConfigError, match="data.root=<dir> or set the environment variable BRATS2019_ROOT"):
+        build_datamodule(_compose(["data=brats2019"]))
