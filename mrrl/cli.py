@@ -34,6 +34,7 @@ def run_stage(cfg: DictConfig):
     from mrrl.runtime import run_dir_from_hydra, seed_everything
     from mrrl.stages import get_stage
 
+    _route_lightning_logs_through_hydra()
     run_dir = run_dir_from_hydra(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("print_config"):
@@ -46,6 +47,12 @@ def run_stage(cfg: DictConfig):
         print(f"mrrl: error: {exc}", file=sys.stderr)
         log.debug("details", exc_info=True)
         sys.exit(1)
+
+
+def _route_lightning_logs_through_hydra() -> None:
+    """Lightning adds its own console handler; Hydra's root handlers already print (and file) its records."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

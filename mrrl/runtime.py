@@ -79,7 +79,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """Keyword arguments for ``lightning.Trainer`` from the ``trainer`` group merged with ``stage.trainer``."""
-    merged = OmegaConf.merge(cfg.trainer, cfg.stage.get("trainer", {}) or {})
-    kwargs = OmegaConf.to_container(merged, resolve=True)
-    assert isinstance(kwargs, dict)
-    return kwargs
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    stage_kwargs = OmegaConf.to_container(cfg.stage.get("trainer") or OmegaConf.create(), resolve=True)
+    assert isinstance(kwargs, dict) and isinstance(stage_kwargs, dict)
+    return {**kwargs, **stage_kwargs}

@@ -1,0 +1,110 @@
+"""The training harness shared by every Lightning stage: checkpoints, resume, loggers, Trainer, manifest.
+
+Rerunning the same command after an interruption resumes from ``<run_dir>/checkpoints/last.ckpt``;
+a stage whose manifest says it finished is not retrained unless ``stage.force=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig
+
+from mrrl.manifest import is_complete
+from mrrl.runtime import build_loggers, trainer_kwargs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    path = checkpoint_dir(run_dir) / LAST_CKPT
+    return path if path.is_file() else None
+
+
+def already_finished(cfg: DictConfig, run_dir: Path) -> bool:
+    if is_complete(run_dir) and not cfg.stage.get("force", False):
+        print(f"{cfg.stage.name}: already finished in {run_dir} (stage.force=true retrains)")
+        return True
+    return False
+
+
+def _strategy(kwargs: dict[str, Any], find_unused_parameters: bool) -> Any:
+    """DDP needs ``find_unused_parameters`` when optimisers alternate over parts of the model (GANs)."""
+    strategy = kwargs.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn") and find_unused_parameters:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        start_method = "spawn" if strategy == "ddp_spawn" else "popen"
+        return DDPStrategy(find_unused_parameters=True, start_method=start_method)
+    return strategy
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    monitor: str | None = None,
+    mode: str = "min",
+    callbacks: Sequence[Callback] = (),
+    find_unused_parameters: bool = False,
+) -> tuple[L.Trainer, ModelCheckpoint | None]:
+    """Trainer with a ``last.ckpt`` (resume point) and, if ``monitor`` is given, a ``best.ckpt``."""
+    kwargs = trainer_kwargs(cfg)
+    kwargs["strategy"] = _strategy(kwargs, find_unused_parameters)
+    every_n = cfg.stage.get("checkpoint_every_n_steps")
+    ckpt_dir = checkpoint_dir(run_dir)
+    last_cb = ModelCheckpoint(
+        dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=every_n or None, save_on_train_epoch_end=True
+    )
+    all_callbacks: list[Callback] = [last_cb, *callbacks]
+    best_cb = None
+    if monitor:
+        best_cb = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        all_callbacks.append(best_cb)
+    loggers = build_loggers(cfg, run_dir)
+    if loggers:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        **kwargs,
+        default_root_dir=str(run_dir),
+        callbacks=all_callbacks,
+        logger=loggers or False,
+        enable_progress_bar=bool(cfg.stage.get("progress_bar", True)),
+        enable_model_summary=False,
+    )
+    return trainer, best_cb
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path) -> None:
+    """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run of this stage was interrupted."""
+    resume = last_checkpoint(run_dir)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+        print(f"resuming from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+
+
+def checkpoint_outputs(run_dir: Path, best_cb: ModelCheckpoint | None) -> dict[str, Any]:
+    last = last_checkpoint(run_dir)
+    out: dict[str, Any] = {"last_ckpt": str(last.resolve()) if last else None}
+    if best_cb is not None:
+        best = best_cb.best_model_path or (str(last) if last else "")
+        out["best_ckpt"] = str(Path(best).resolve()) if best else None
+        score = best_cb.best_model_score
+        out["best_score"] = float(score) if score is not None else None
+        out["monitor"] = best_cb.monitor
+    return out
