@@ -61,7 +61,9 @@ def latent_cache_key(ckpt_path: str | Path, datamodule) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_dataset(vqgan, datamodule, batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, Any]:
+def encode_dataset(
+    vqgan, datamodule, batch_size: int = 8, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Encode every subject of every split: latents ``[N, C, d, h, w]`` (float32, CPU), ids, labels, splits."""
     latents, ids, labels, splits = [], [], [], []
     for split in ("train", "val", "test"):

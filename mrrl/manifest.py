@@ -29,13 +29,19 @@ def write_manifest(run_dir: str | Path, stage: str, outputs: Mapping[str, Any], 
         "status": "complete",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_dir": str(Path(run_dir).resolve()),
-        "versions": {"mrrl": mrrl.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "mrrl": mrrl.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "outputs": dict(outputs),
     }
     if config is not None:
         from omegaconf import OmegaConf
 
-        payload["config"] = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+        payload["config"] = (
+            OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+        )
     return atomic_write_json(Path(run_dir) / MANIFEST_NAME, payload)
 
 

@@ -37,7 +37,10 @@ def run_pipeline(overrides: Sequence[str]) -> int:
     force = bool(cfg.pipeline.force)
     stage_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("pipeline.", "stage="))]
     experiment_dir = Path(cfg.paths.run_root) / cfg.experiment_name
-    print(f"mrrl-pipeline: experiment '{cfg.experiment_name}' → {experiment_dir} ({len(stages)} stages)", flush=True)
+    print(
+        f"mrrl-pipeline: experiment '{cfg.experiment_name}' → {experiment_dir} ({len(stages)} stages)",
+        flush=True,
+    )
     start = time.monotonic()
     for index, stage in enumerate(stages, 1):
         prefix = f"[{index}/{len(stages)}] {stage:<12}"

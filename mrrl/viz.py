@@ -52,7 +52,9 @@ def slices_figure(
     return fig
 
 
-def log_figure(figure, key: str, step: int, run_dir: str | Path | None = None, loggers: Sequence = ()) -> Path | None:
+def log_figure(
+    figure, key: str, step: int, run_dir: str | Path | None = None, loggers: Sequence = ()
+) -> Path | None:
     """Write ``<run_dir>/figures/<key>_<step>.png`` and send the image to every W&B logger; close the figure."""
     path = None
     try:

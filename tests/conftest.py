@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 
 from mrrl.data.layouts import write_brats_case, write_oasis_csv, write_oasis_subject
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny convolutions run fastest single-threaded on small CI machines (and tests run in parallel helpers).
+torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,8 +48,13 @@ def make_oasis(root: Path, n_ad: int = 4, n_cn: int = 4, n_nocdr: int = 1) -> Pa
         for _ in range(n):
             subject = f"OAS1_{index:04d}"
             cdr = {"AD": 1.0, "CN": 0.0, None: None}[label]
-            write_oasis_subject(root, subject, blob_volume(index, lesion=0.0), disc=1 + index % 2,
-                                n_variant="n3" if index % 3 == 0 else "n4")
+            write_oasis_subject(
+                root,
+                subject,
+                blob_volume(index, lesion=0.0),
+                disc=1 + index % 2,
+                n_variant="n3" if index % 3 == 0 else "n4",
+            )
             rows.append({"ID": f"{subject}_MR1", "M/F": "F", "Hand": "R", "Age": 70, "CDR": cdr, "MMSE": 27})
             index += 1
     write_oasis_csv(root, rows)

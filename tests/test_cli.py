@@ -15,7 +15,11 @@ def run_cli(*args: str, module: str = "mrrl", cwd: Path | None = None) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("BRATS2019_ROOT", None)
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
@@ -23,8 +27,14 @@ def run_cli(*args: str, module: str = "mrrl", cwd: Path | None = None) -> subpro
 def test_check_data_prints_summary_and_writes_manifest(tmp_path: Path) -> None:
     root = make_brats(tmp_path / "brats", n_hgg=3, n_lgg=3, modalities=("flair",))
     result = run_cli(
-        "stage=check_data", "data=brats2019", f"data.root={root}", "data.test_per_class=1", "data.image_size=16",
-        f"paths.run_root={tmp_path / 'runs'}", "experiment_name=cli", "data.progress=false",
+        "stage=check_data",
+        "data=brats2019",
+        f"data.root={root}",
+        "data.test_per_class=1",
+        "data.image_size=16",
+        f"paths.run_root={tmp_path / 'runs'}",
+        "experiment_name=cli",
+        "data.progress=false",
     )
     assert result.returncode == 0, result.stderr
     assert "HGG" in result.stdout and "preprocessed shape: 1 channel(s) × 16×16×16" in result.stdout
@@ -39,8 +49,12 @@ def test_check_data_bad_input_exits_nonzero_with_named_files(tmp_path: Path) -> 
     victim.write_bytes(b"garbage")
     (root / "HGG" / "BraTS19_TEST_HGG_001" / "BraTS19_TEST_HGG_001_flair.nii.gz").unlink()
     result = run_cli(
-        "stage=check_data", "data=brats2019", f"data.root={root}", "data.test_per_class=1",
-        f"paths.run_root={tmp_path / 'runs'}", "data.progress=false",
+        "stage=check_data",
+        "data=brats2019",
+        f"data.root={root}",
+        "data.test_per_class=1",
+        f"paths.run_root={tmp_path / 'runs'}",
+        "data.progress=false",
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip().startswith("- ")]
@@ -58,8 +72,15 @@ def test_missing_root_and_unknown_stage_messages(tmp_path: Path) -> None:
 
 def test_pipeline_runs_and_skips_finished_stages(tmp_path: Path) -> None:
     root = make_brats(tmp_path / "brats", n_hgg=3, n_lgg=3, modalities=("flair",))
-    args = ["data=brats2019", f"data.root={root}", "data.test_per_class=1", "data.image_size=16",
-            f"paths.run_root={tmp_path / 'runs'}", "experiment_name=pipe", "data.progress=false"]
+    args = [
+        "data=brats2019",
+        f"data.root={root}",
+        "data.test_per_class=1",
+        "data.image_size=16",
+        f"paths.run_root={tmp_path / 'runs'}",
+        "experiment_name=pipe",
+        "data.progress=false",
+    ]
     first = run_cli(*args, module="mrrl.pipeline")
     assert first.returncode == 0, first.stderr
     assert "[1/1] check_data   done in" in first.stdout

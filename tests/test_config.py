@@ -38,10 +38,18 @@ def _compose(overrides: list[str]):
 
 
 @pytest.mark.parametrize(("data", "stage", "trainer", "logger"), COMBINATIONS)
-def test_every_combination_instantiates(tmp_path: Path, data: str, stage: str, trainer: str, logger: str) -> None:
+def test_every_combination_instantiates(
+    tmp_path: Path, data: str, stage: str, trainer: str, logger: str
+) -> None:
     cfg = _compose(
-        [f"data={data}", f"stage={stage}", f"trainer={trainer}", f"logger={logger}", f"paths.run_root={tmp_path}",
-         "data.root=/some/where"]
+        [
+            f"data={data}",
+            f"stage={stage}",
+            f"trainer={trainer}",
+            f"logger={logger}",
+            f"paths.run_root={tmp_path}",
+            "data.root=/some/where",
+        ]
     )
     dm = build_datamodule(cfg)
     assert dm.name == data and dm.num_classes == 2
@@ -52,8 +60,13 @@ def test_every_combination_instantiates(tmp_path: Path, data: str, stage: str, t
     assert set(kwargs) <= accepted
     if kwargs["accelerator"] == "cpu":
         # Instantiating a CPU trainer validates strategy/precision/devices combinations for real.
-        L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  default_root_dir=str(tmp_path))
+        L.Trainer(
+            **kwargs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            default_root_dir=str(tmp_path),
+        )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import blob_volume, make_brats, make_oasis
+from conftest import blob_volume, make_brats
 
 from mrrl.data import DataValidationError, MRIDataModule
 from mrrl.data.layouts import discover_brats, discover_oasis, oasis_label, write_oasis_csv
@@ -71,7 +71,9 @@ def test_oasis_discovery_and_cdr_rule(oasis_root: Path) -> None:
     assert "OAS1_0009_MR1" not in labels  # no CDR: left out by default
     subjects, _ = discover_oasis(oasis_root, missing_cdr_as_cn=True)
     assert {s.id: s.label for s in subjects}["OAS1_0009_MR1"] == "CN"
-    assert oasis_label(0.5) == "AD" and oasis_label(0.0) == "CN" and oasis_label(0.5, cdr_threshold=1.0) is None
+    assert (
+        oasis_label(0.5) == "AD" and oasis_label(0.0) == "CN" and oasis_label(0.5, cdr_threshold=1.0) is None
+    )
     assert oasis_label(None) is None and oasis_label(float("nan"), missing_cdr_as_cn=True) == "CN"
 
 
@@ -171,7 +173,9 @@ def test_oasis_csv_problems(oasis_root: Path, tmp_path: Path) -> None:
     message = problems_of(datamodule(oasis_root, tmp_path, fmt="oasis"))
     assert "CSV row missing for OAS1_0002_MR1" in message
 
-    write_oasis_csv(oasis_root, [{"ID": f"OAS1_{i:04d}_MR1", "CDR": 0.0 if i > 4 else 1.0} for i in range(1, 12)])
+    write_oasis_csv(
+        oasis_root, [{"ID": f"OAS1_{i:04d}_MR1", "CDR": 0.0 if i > 4 else 1.0} for i in range(1, 12)]
+    )
     subjects, problems = discover_oasis(oasis_root, require_all_csv_images=True)
     assert any("OAS1_0011_MR1 has a CDR but no image" in str(p) for p in problems)
     csv_path.unlink()
@@ -238,7 +242,9 @@ def test_cache_is_reused_and_invalidated(brats_root: Path, tmp_path: Path, monke
 
 
 def test_augmentation_only_on_train(brats_root: Path, tmp_path: Path) -> None:
-    dm = datamodule(brats_root, tmp_path, augment={"flip_prob": 1.0, "flip_axes": [0], "crop_margin": 0}).prepare()
+    dm = datamodule(
+        brats_root, tmp_path, augment={"flip_prob": 1.0, "flip_axes": [0], "crop_margin": 0}
+    ).prepare()
     raw = torch.from_numpy(dm.cache.load(dm.datasets["train"].subjects[0].id))
     assert torch.equal(dm.datasets["train"][0]["image"], torch.flip(raw, dims=(1,)))
     val_id = dm.datasets["val"].subjects[0].id
@@ -277,7 +283,9 @@ def test_split_file_written_reused_and_overridden(brats_root: Path, tmp_path: Pa
         load_or_create_splits(subjects, tmp_path / "splits.json", 1, 0.25, seed=5, dataset="tbrats")
     user = tmp_path / "mine.csv"
     ids = sorted(s.id for s in subjects)
-    user.write_text("id,split\n" + "".join(f"{i},{'test' if n < 3 else 'train'}\n" for n, i in enumerate(ids)))
+    user.write_text(
+        "id,split\n" + "".join(f"{i},{'test' if n < 3 else 'train'}\n" for n, i in enumerate(ids))
+    )
     dm2 = datamodule(brats_root, tmp_path, split_file=str(user)).prepare()
     assert len(dm2.dataset("test")) == 3 and len(dm2.dataset("train")) == 5 and len(dm2.dataset("val")) == 0
     user.write_text("id,split\nnobody,train\n")

@@ -25,15 +25,27 @@ def data_root(tmp_path_factory) -> Path:
 
 def vqgan_cfg(data_root: Path, run_root: Path, *extra: str):
     return compose_cfg(
-        ["stage=vqgan", "data=brats2019", f"data.root={data_root}", "experiment_name=vq", *TINY_DATA, *TINY_VQGAN,
-         *extra],
+        [
+            "stage=vqgan",
+            "data=brats2019",
+            f"data.root={data_root}",
+            "experiment_name=vq",
+            *TINY_DATA,
+            *TINY_VQGAN,
+            *extra,
+        ],
         run_root,
     )
 
 
 def test_fit_with_both_discriminators_writes_checkpoint_manifest_and_latents(data_root: Path, tmp_path: Path):
-    cfg = vqgan_cfg(data_root, tmp_path, "stage.loss.adv_start_step=2", "stage.trainer.max_epochs=2",
-                    "stage.loss.feature_matching_weight=0.5")
+    cfg = vqgan_cfg(
+        data_root,
+        tmp_path,
+        "stage.loss.adv_start_step=2",
+        "stage.trainer.max_epochs=2",
+        "stage.loss.feature_matching_weight=0.5",
+    )
     seed_everything(0)
     run_dir = stage_dir(cfg)
     outputs = vqgan_stage.run(cfg, run_dir)
@@ -63,8 +75,9 @@ def test_rerun_resumes_from_last_checkpoint(data_root: Path, tmp_path: Path) -> 
     cfg = vqgan_cfg(data_root, tmp_path, "stage.trainer.max_epochs=1", "stage.latents.export=false")
     run_dir = stage_dir(cfg)
     vqgan_stage.run(cfg, run_dir)
-    steps_first = int(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"][
-        "generator_steps"])
+    steps_first = int(
+        torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["generator_steps"]
+    )
     assert steps_first == 3  # 6 training volumes, batch 2
     # Simulate an interruption: the manifest is gone, last.ckpt stays (marked so a resume is recognisable).
     (run_dir / "manifest.json").unlink()

@@ -207,7 +207,9 @@ class MRIDataModule(L.LightningDataModule):
             subjects, problems = discover_brats(self.root, self.modalities, self.classes)
         else:
             if self.modalities not in {("t1",), ("mprage",)}:
-                problems = [DataProblem(self.root, "OASIS-1 has one modality (T1 MPRAGE): use data.modalities=[t1]")]
+                problems = [
+                    DataProblem(self.root, "OASIS-1 has one modality (T1 MPRAGE): use data.modalities=[t1]")
+                ]
                 return [], problems
             subjects, problems = discover_oasis(self.root, **self.oasis_options)
         seen: set[str] = set()

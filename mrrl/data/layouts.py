@@ -92,7 +92,9 @@ def discover_brats(
             continue  # name_mapping.csv, survival_data.csv and hidden files are not cases
         if entry.name not in classes:
             problems.append(
-                DataProblem(entry, f"case folder outside {'/'.join(classes)} (expected <root>/<class>/<case>/)")
+                DataProblem(
+                    entry, f"case folder outside {'/'.join(classes)} (expected <root>/<class>/<case>/)"
+                )
             )
             continue
         for case_dir in sorted(p for p in entry.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -101,7 +103,9 @@ def discover_brats(
                 path = _nifti_file(case_dir, f"{case_dir.name}_{modality}")
                 if path is None:
                     problems.append(
-                        DataProblem(case_dir, f"missing modality '{modality}' ({case_dir.name}_{modality}.nii.gz)")
+                        DataProblem(
+                            case_dir, f"missing modality '{modality}' ({case_dir.name}_{modality}.nii.gz)"
+                        )
                     )
                 files.append(path)
             if all(f is not None for f in files):
@@ -136,7 +140,9 @@ def _read_oasis_csv(csv_path: Path) -> tuple[dict[str, dict[str, str]], list[Dat
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "ID" not in reader.fieldnames or "CDR" not in reader.fieldnames:
-                return {}, [DataProblem(csv_path, f"CSV needs columns 'ID' and 'CDR', found {reader.fieldnames}")]
+                return {}, [
+                    DataProblem(csv_path, f"CSV needs columns 'ID' and 'CDR', found {reader.fieldnames}")
+                ]
             rows = {row["ID"].strip(): row for row in reader if row.get("ID")}
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return {}, [DataProblem(csv_path, f"cannot read CSV: {exc}")]
@@ -203,7 +209,9 @@ def discover_oasis(
             continue
         cdr = _parse_cdr(row.get("CDR"))
         if cdr is not None and math.isnan(cdr):
-            problems.append(DataProblem(csv_path, f"{session_id}: CDR value {row.get('CDR')!r} is not a number"))
+            problems.append(
+                DataProblem(csv_path, f"{session_id}: CDR value {row.get('CDR')!r} is not a number")
+            )
             continue
         label = oasis_label(cdr, cdr_threshold, missing_cdr_as_cn)
         if label is not None:
@@ -213,10 +221,14 @@ def discover_oasis(
             cdr = _parse_cdr(row.get("CDR"))
             labelled = cdr is not None and not math.isnan(cdr) and oasis_label(cdr, cdr_threshold) is not None
             if session_id.endswith("_MR1") and labelled and session_id not in images:
-                problems.append(DataProblem(csv_path, f"subject {session_id} has a CDR but no image under disc*/"))
+                problems.append(
+                    DataProblem(csv_path, f"subject {session_id} has a CDR but no image under disc*/")
+                )
     present = {s.label for s in subjects}
     if subjects:
-        problems += [DataProblem(csv_path, f"class {c} has no subjects") for c in OASIS_CLASSES if c not in present]
+        problems += [
+            DataProblem(csv_path, f"class {c} has no subjects") for c in OASIS_CLASSES if c not in present
+        ]
     return subjects, problems
 
 
@@ -266,7 +278,9 @@ def write_oasis_subject(
     return path
 
 
-def write_oasis_csv(root: str | Path, rows: Iterable[Mapping[str, object]], name: str = OASIS_CSV_NAME) -> Path:
+def write_oasis_csv(
+    root: str | Path, rows: Iterable[Mapping[str, object]], name: str = OASIS_CSV_NAME
+) -> Path:
     """Write the cross-sectional CSV with the official columns (missing values left empty)."""
     path = Path(root) / name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,10 +82,17 @@ def build_transform(cfg: PreprocessConfig) -> Compose:
         [
             Orientation(axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             CropForeground(select_fn=lambda x: x > 0, margin=cfg.foreground_margin, allow_smaller=True),
-            Resize(spatial_size=max(cfg.image_size), size_mode="longest", mode="trilinear", anti_aliasing=True),
+            Resize(
+                spatial_size=max(cfg.image_size), size_mode="longest", mode="trilinear", anti_aliasing=True
+            ),
             ResizeWithPadOrCrop(spatial_size=cfg.image_size, mode="constant"),
             ScaleIntensityRangePercentiles(
-                lower=cfg.percentiles[0], upper=cfg.percentiles[1], b_min=lo, b_max=hi, clip=True, channel_wise=True
+                lower=cfg.percentiles[0],
+                upper=cfg.percentiles[1],
+                b_min=lo,
+                b_max=hi,
+                clip=True,
+                channel_wise=True,
             ),
         ]
     )
@@ -97,7 +104,9 @@ def preprocess_subject(subject: Subject, cfg: PreprocessConfig) -> np.ndarray:
     for path in subject.files:
         data, file_affine = load_volume(path)
         if channels and data.shape != channels[0].shape:
-            raise VolumeError(f"shape {data.shape} differs from the subject's other channels {channels[0].shape}")
+            raise VolumeError(
+                f"shape {data.shape} differs from the subject's other channels {channels[0].shape}"
+            )
         channels.append(data)
         affine = file_affine if affine is None else affine
     # Shift each channel so its minimum is 0: foreground cropping and zero padding then mean "background".
@@ -161,7 +170,9 @@ class VolumeCache:
         )
         return None
 
-    def ensure(self, subjects: Sequence[Subject], workers: int = 0, progress: bool = True) -> list[DataProblem]:
+    def ensure(
+        self, subjects: Sequence[Subject], workers: int = 0, progress: bool = True
+    ) -> list[DataProblem]:
         """Build every stale entry; return all problems (voxel checks only run for files not yet cached)."""
         todo = [s for s in subjects if not self.is_fresh(s)]
         if not todo:

@@ -79,7 +79,9 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
     return {name: list(raw.get(name, [])) for name in SPLITS}
 
 
-def check_splits(splits: Mapping[str, Sequence[str]], subjects: Sequence[Subject], source: Path | str) -> None:
+def check_splits(
+    splits: Mapping[str, Sequence[str]], subjects: Sequence[Subject], source: Path | str
+) -> None:
     ids = {s.id for s in subjects}
     seen: dict[str, str] = {}
     for name in SPLITS:
@@ -110,7 +112,12 @@ def load_or_create_splits(
         check_splits(splits, subjects, user_file)
         return splits
     split_path = Path(split_path)
-    settings = {"dataset": dataset, "seed": seed, "test_per_class": test_per_class, "val_fraction": val_fraction}
+    settings = {
+        "dataset": dataset,
+        "seed": seed,
+        "test_per_class": test_per_class,
+        "val_fraction": val_fraction,
+    }
     if split_path.is_file():
         payload = json.loads(split_path.read_text())
         stored = {k: payload.get(k) for k in settings}

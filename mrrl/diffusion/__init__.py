@@ -14,6 +14,7 @@ from mrrl.diffusion.sampling import (
     std_from_moments,
     step_log_prob,
     step_mean_std,
+    step_std,
 )
 from mrrl.diffusion.schedules import (
     PREDICTION_TYPES,
@@ -46,4 +47,5 @@ __all__ = [
     "std_from_moments",
     "step_log_prob",
     "step_mean_std",
+    "step_std",
 ]

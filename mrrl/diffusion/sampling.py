@@ -113,6 +113,32 @@ def _check_sampler(sampler: str, eta: float | None) -> None:
         raise ValueError(f"DDIM needs eta >= 0, got {eta}")
 
 
+def _alphas(
+    schedule: DiffusionSchedule, t: int | torch.Tensor, prev_t: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a_t, a_s = schedule.alpha_bar(t), schedule.alpha_bar(prev_t)
+    if bool((a_s < a_t).any()):
+        raise ValueError("prev_t must be a lower noise level than t (reverse steps only)")
+    return a_t, a_s
+
+
+def step_std(
+    schedule: DiffusionSchedule,
+    t: int | torch.Tensor,
+    prev_t: int | torch.Tensor,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Policy std of the step t -> prev_t (float64, CPU, scalar or ``[B]``); 0 means deterministic.
+
+    Needs no model output, so callers can tell stochastic steps apart without touching the GPU.
+    """
+    _check_sampler(sampler, eta)
+    a_t, a_s = _alphas(schedule, t, prev_t)
+    std = ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).sqrt()  # DDPM posterior std = DDIM eta=1
+    return eta * std if sampler == "ddim" else std
+
+
 def step_mean_std(
     schedule: DiffusionSchedule,
     model_output: torch.Tensor,
@@ -124,27 +150,21 @@ def step_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the Gaussian reverse step x_t (at t) -> x_prev (at prev_t) for one model output.
 
-    ``t`` and ``prev_t`` are scalars or per-sample ``[B]``; coefficients are computed in float64 and
-    cast to ``x_t``'s dtype. Returns ``mean`` (shape of x_t) and ``std`` (``[B, 1, 1, 1, 1]``).
+    ``t`` and ``prev_t`` are scalars or per-sample ``[B]`` (CPU tensors avoid a device sync);
+    coefficients are computed in float64 and cast to ``x_t``'s dtype. Returns ``mean`` (shape of x_t)
+    and ``std`` (``[B, 1, 1, 1, 1]``).
     """
-    _check_sampler(sampler, eta)
-    a_t = schedule.alpha_bar(t)
-    a_s = schedule.alpha_bar(prev_t)
-    if bool((a_s < a_t).any()):
-        raise ValueError("prev_t must be a lower noise level than t (reverse steps only)")
-    variance = (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
+    std = step_std(schedule, t, prev_t, sampler, eta)
+    a_t, a_s = _alphas(schedule, t, prev_t)
     eps, x0 = schedule.eps_x0(model_output, x_t, t)
     if sampler == "ddim":
-        std = eta * variance.sqrt()
         direction = (1.0 - a_s - std**2).clamp(min=0.0).sqrt()
         mean = expand_like(a_s.sqrt(), x_t) * x0 + expand_like(direction, x_t) * eps
     else:
-        std = variance.sqrt()
         x0_coef = a_s.sqrt() * (1.0 - a_t / a_s) / (1.0 - a_t)
         xt_coef = (a_t / a_s).sqrt() * (1.0 - a_s) / (1.0 - a_t)
         mean = expand_like(x0_coef, x_t) * x0 + expand_like(xt_coef, x_t) * x_t
-    std = expand_like(std.expand(x_t.shape[0]), x_t)
-    return mean, std
+    return mean, expand_like(std.expand(x_t.shape[0]), x_t)
 
 
 def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -173,6 +193,11 @@ def gaussian_log_prob(
     Computed in float32 or wider; raises when std = 0.
     """
     _check_std(std)
+    return _log_prob(x, mean, std, reduce)
+
+
+def _log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """The one implementation used by the sampler and ``step_log_prob`` alike (bitwise-equal ratios)."""
     work = torch.promote_types(x.dtype, torch.float32)
     x, mean, std = x.to(work), mean.to(work), std.to(work)
     log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
@@ -218,10 +243,12 @@ def step_log_prob(
         raise ValueError("give exactly one of prev_t or num_steps")
     if prev_t is None:
         prev_t = model.schedule.prev_timestep(t, num_steps)
+    eta = eta or 0.0
+    _check_std(step_std(model.schedule, t, prev_t, sampler, eta))  # on the CPU: no device sync
     x_t = x_t.to(model.device)
     output = model.predict(x_t, t, labels, guidance_scale)
-    mean, std = step_mean_std(model.schedule, output, x_t, t, prev_t, sampler, eta or 0.0)
-    log_prob = gaussian_log_prob(x_prev.to(mean.device, mean.dtype), mean, std, reduce)
+    mean, std = step_mean_std(model.schedule, output, x_t, t, prev_t, sampler, eta)
+    log_prob = _log_prob(x_prev.to(mean.device, mean.dtype), mean, std, reduce)
     return StepLogProb(log_prob=log_prob, mean=mean, std=std)
 
 
@@ -244,18 +271,16 @@ def _denoise(
     batch = x.shape[0]
     latents, log_probs, stds = [x], [], []
     for t, prev_t in zip(timesteps.tolist(), prev_timesteps.tolist()):
-        t_vec = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        prev_vec = torch.full((batch,), prev_t, dtype=torch.long, device=x.device)
+        # CPU timesteps and a CPU std: the loop never waits for the device
+        t_vec, prev_vec = torch.full((batch,), t), torch.full((batch,), prev_t)
+        std_t = float(step_std(model.schedule, t, prev_t, sampler, eta))
         output = model.predict(x, t_vec, labels, guidance_scale)
         mean, std = step_mean_std(model.schedule, output, x, t_vec, prev_vec, sampler, eta)
-        stochastic = bool((std > 0).all())
-        x = mean + std * randn(tuple(x.shape), generator, x.device, x.dtype) if stochastic else mean
+        x = mean + std * randn(tuple(x.shape), generator, x.device, x.dtype) if std_t > 0 else mean
         if record:
-            nan = torch.full(
-                (batch,), math.nan, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)
-            )
-            log_probs.append(gaussian_log_prob(x, mean, std) if stochastic else nan)
-            stds.append(float(std.flatten()[0]))
+            nan = x.new_full((batch,), math.nan, dtype=torch.promote_types(x.dtype, torch.float32))
+            log_probs.append(_log_prob(x, mean, std) if std_t > 0 else nan)
+            stds.append(std_t)
             latents.append(x)
     if not record:
         return x, None

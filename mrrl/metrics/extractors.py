@@ -49,7 +49,7 @@ def weights_fingerprint(module: nn.Module) -> str:
     for key, value in sorted(module.state_dict().items()):
         t = value.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:12]
 
 
@@ -105,7 +105,9 @@ class VolumeFeatureExtractor(nn.Module):
                 "(set in_channels in the extractor options to the number of modalities)"
             )
         if min(volumes.shape[2:]) < self.min_size:
-            raise ValueError(f"{self.name}: volumes must be at least {self.min_size}³, got {tuple(volumes.shape[2:])}")
+            raise ValueError(
+                f"{self.name}: volumes must be at least {self.min_size}³, got {tuple(volumes.shape[2:])}"
+            )
         if not torch.isfinite(volumes).all():
             raise ValueError(f"{self.name}: volumes contain NaN or Inf")
         with torch.no_grad(), torch.autocast(device_type=volumes.device.type, enabled=False):
@@ -183,7 +185,9 @@ class Random3DExtractor(VolumeFeatureExtractor):
 
     def __init__(self, in_channels: int = 1, arch: str = "resnet10", seed: int = 0) -> None:
         super().__init__(in_channels, {"arch": arch, "seed": int(seed)})
-        self.net = seeded_resnet(arch, seed, spatial_dims=3, n_input_channels=self.in_channels, conv1_t_stride=2)
+        self.net = seeded_resnet(
+            arch, seed, spatial_dims=3, n_input_channels=self.in_channels, conv1_t_stride=2
+        )
         self.feature_dim = 512 * (4 if arch == "resnet50" else 1)
         self._finalize()
 
@@ -211,7 +215,9 @@ class Random2DExtractor(SliceExtractor):
         options = {"arch": arch, "seed": int(seed), "slice_size": int(slice_size)}
         super().__init__(in_channels, axes, n_slices, central_fraction, options)
         self.slice_size = int(slice_size)
-        self.net = seeded_resnet(arch, seed, spatial_dims=2, n_input_channels=self.in_channels, conv1_t_stride=2)
+        self.net = seeded_resnet(
+            arch, seed, spatial_dims=2, n_input_channels=self.in_channels, conv1_t_stride=2
+        )
         self.feature_dim = 512 * (4 if arch == "resnet50" else 1)
         self._finalize()
 

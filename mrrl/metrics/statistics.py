@@ -30,10 +30,17 @@ def _sym(m: Tensor) -> Tensor:
     return 0.5 * (m + m.T)
 
 
+def _clean_eigvals(evals: Tensor) -> Tensor:
+    """Zero eigenvalues that are round-off (below the usual rank tolerance ``n·eps·max|λ|``); their square
+    roots (~1e-8 each) would otherwise add up to a visible error for rank-deficient covariances."""
+    tol = evals.shape[-1] * torch.finfo(evals.dtype).eps * evals.abs().max().clamp_min(1e-300)
+    return torch.where(evals > tol, evals, torch.zeros_like(evals))
+
+
 def psd_sqrt(m: Tensor) -> Tensor:
-    """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues clamped to 0)."""
+    """Square root of a symmetric positive semi-definite matrix (round-off eigenvalues set to 0)."""
     evals, evecs = torch.linalg.eigh(_sym(m))
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return (evecs * _clean_eigvals(evals).sqrt()) @ evecs.T
 
 
 def trace_sqrt_product(sigma1: ArrayLike, sigma2: ArrayLike) -> float:
@@ -45,7 +52,7 @@ def trace_sqrt_product(sigma1: ArrayLike, sigma2: ArrayLike) -> float:
     """
     s1 = psd_sqrt(_f64(sigma1))
     inner = _sym(s1 @ _sym(_f64(sigma2)) @ s1)
-    return float(torch.linalg.eigvalsh(inner).clamp_min(0).sqrt().sum())
+    return float(_clean_eigvals(torch.linalg.eigvalsh(inner)).sqrt().sum())
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
@@ -56,13 +63,17 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     mu1, mu2, sigma1, sigma2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
     dim = mu1.shape[-1]
     if mu1.shape != (dim,) or mu2.shape != (dim,):
-        raise ValueError(f"means must be vectors of the same length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}")
+        raise ValueError(
+            f"means must be vectors of the same length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}"
+        )
     if sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
         raise ValueError(
             f"covariances must be {dim}x{dim}, got {tuple(sigma1.shape)} and {tuple(sigma2.shape)}"
         )
     diff = mu1 - mu2
-    value = float(diff @ diff) + float(sigma1.trace() + sigma2.trace()) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    value = (
+        float(diff @ diff) + float(sigma1.trace() + sigma2.trace()) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    )
     return max(value, 0.0)
 
 
@@ -97,7 +108,9 @@ class FeatureAccumulator:
     def merge(self, other: FeatureAccumulator) -> FeatureAccumulator:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge feature dims {self.dim} and {other.dim}")
-        return FeatureAccumulator(self.dim, self.n + other.n, self.total + other.total, self.outer + other.outer)
+        return FeatureAccumulator(
+            self.dim, self.n + other.n, self.total + other.total, self.outer + other.outer
+        )
 
     def statistics(self, meta: dict[str, Any] | None = None) -> FeatureStatistics:
         return FeatureStatistics.from_sums(self.n, self.total, self.outer, meta=meta)
@@ -143,7 +156,11 @@ class FeatureStatistics:
 
     def sums(self) -> tuple[int, Tensor, Tensor]:
         """(n, Σx, Σxxᵀ) that reproduce these statistics, for merging with streamed features."""
-        return self.n, self.n * self.mean, (self.n - 1) * self.cov + self.n * torch.outer(self.mean, self.mean)
+        return (
+            self.n,
+            self.n * self.mean,
+            (self.n - 1) * self.cov + self.n * torch.outer(self.mean, self.mean),
+        )
 
     def frechet_distance(self, other: FeatureStatistics) -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov)

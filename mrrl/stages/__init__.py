@@ -12,6 +12,7 @@ from mrrl.errors import ConfigError
 STAGES: dict[str, str] = {
     "check_data": "mrrl.stages.check_data",
     "vqgan": "mrrl.stages.vqgan",
+    "evaluate": "mrrl.stages.evaluate",
 }
 
 

@@ -65,13 +65,22 @@ def build_trainer(
     every_n = cfg.stage.get("checkpoint_every_n_steps")
     ckpt_dir = checkpoint_dir(run_dir)
     last_cb = ModelCheckpoint(
-        dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=every_n or None, save_on_train_epoch_end=True
+        dirpath=ckpt_dir,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=every_n or None,
+        save_on_train_epoch_end=True,
     )
     all_callbacks: list[Callback] = [last_cb, *callbacks]
     best_cb = None
     if monitor:
         best_cb = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            auto_insert_metric_name=False,
             enable_version_counter=False,
         )
         all_callbacks.append(best_cb)
@@ -89,7 +98,9 @@ def build_trainer(
     return trainer, best_cb
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path) -> None:
+def fit(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path
+) -> None:
     """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run of this stage was interrupted."""
     resume = last_checkpoint(run_dir)
     if resume is not None:

@@ -66,7 +66,9 @@ class VQGANModule(L.LightningModule):
         self.disc3d = VolumeDiscriminator(in_channels=channels, **disc)
         self.disc2d = SliceDiscriminator(in_channels=channels, **disc)
         perceptual = dict(self.loss_cfg.get("perceptual", {}) or {})
-        self.perceptual = build_perceptual_loss(float(self.loss_cfg.get("perceptual_weight", 0.0)), **perceptual)
+        self.perceptual = build_perceptual_loss(
+            float(self.loss_cfg.get("perceptual_weight", 0.0)), **perceptual
+        )
         # Generator steps taken; drives the adversarial warm-up and survives checkpoint/resume.
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
@@ -107,9 +109,14 @@ class VQGANModule(L.LightningModule):
         if self.perceptual is not None:
             rec_loss = rec_loss + float(cfg["perceptual_weight"]) * self.perceptual(recon.float(), x.float())
         gen_loss = rec_loss + out.vq_loss
-        logs = {"train/l1": F.l1_loss(recon.detach(), x), "train/rec_loss": rec_loss.detach(),
-                "train/vq_loss": out.vq_loss.detach(), "train/perplexity": out.stats["perplexity"],
-                "train/code_usage": out.stats["usage"], "train/adv_factor": factor}
+        logs = {
+            "train/l1": F.l1_loss(recon.detach(), x),
+            "train/rec_loss": rec_loss.detach(),
+            "train/vq_loss": out.vq_loss.detach(),
+            "train/perplexity": out.stats["perplexity"],
+            "train/code_usage": out.stats["usage"],
+            "train/adv_factor": factor,
+        }
         idx = None
         if factor > 0:
             idx = self._slice_indices(x)
@@ -160,7 +167,9 @@ class VQGANModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val_counts = torch.zeros(self.vqgan.config.codebook_size, device=self.device, dtype=torch.float64)
+        self._val_counts = torch.zeros(
+            self.vqgan.config.codebook_size, device=self.device, dtype=torch.float64
+        )
         self._figure_batch = None
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -187,14 +196,23 @@ class VQGANModule(L.LightningModule):
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-12))).sum())
         self.log("val/codebook_usage", (counts > 0).float().mean(), rank_zero_only=True)
         self.log("val/perplexity", perplexity.float(), rank_zero_only=True)
-        if self.trainer.is_global_zero and self._figure_batch is not None and not self.trainer.sanity_checking:
+        if (
+            self.trainer.is_global_zero
+            and self._figure_batch is not None
+            and not self.trainer.sanity_checking
+        ):
             real, recon = self._figure_batch
             rows = {}
             for i in range(real.shape[0]):
                 rows[f"input {i}"], rows[f"recon {i}"] = real[i], recon[i]
             figure = slices_figure(rows, title=f"VQGAN step {int(self.generator_steps)}")
-            log_figure(figure, "val/reconstruction", int(self.generator_steps), self.trainer.default_root_dir,
-                       self.loggers)
+            log_figure(
+                figure,
+                "val/reconstruction",
+                int(self.generator_steps),
+                self.trainer.default_root_dir,
+                self.loggers,
+            )
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -244,7 +262,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     latent_path = None
     if cfg.stage.latents.export:
         device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
-        latent_path = ensure_latents(best, datamodule, run_dir / LATENT_FILE, int(cfg.stage.latents.batch_size), device)
+        latent_path = ensure_latents(
+            best, datamodule, run_dir / LATENT_FILE, int(cfg.stage.latents.batch_size), device
+        )
     net = module.vqgan
     outputs.update(
         {
@@ -259,8 +279,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     write_manifest(run_dir, "vqgan", outputs, cfg)
     print(
         "vqgan: val L1 {l1:.4f}  PSNR {psnr:.2f} dB  SSIM {ssim:.4f}  codebook usage {usage:.1%}  perplexity {ppl:.1f}".format(
-            l1=val_metrics.get("val/l1", math.nan), psnr=val_metrics.get("val/psnr", math.nan),
-            ssim=val_metrics.get("val/ssim", math.nan), usage=val_metrics.get("val/codebook_usage", math.nan),
+            l1=val_metrics.get("val/l1", math.nan),
+            psnr=val_metrics.get("val/psnr", math.nan),
+            ssim=val_metrics.get("val/ssim", math.nan),
+            usage=val_metrics.get("val/codebook_usage", math.nan),
             ppl=val_metrics.get("val/perplexity", math.nan),
         )
     )
@@ -271,7 +293,14 @@ def _validate_best(cfg: DictConfig, ckpt: str, datamodule, run_dir: Path) -> dic
     """Validation metrics of ``ckpt`` on one device (no logger: the numbers go to the manifest)."""
     module = VQGANModule.load_from_checkpoint(ckpt, map_location="cpu")
     accelerator = "cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else "gpu"
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(run_dir))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+    )
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}

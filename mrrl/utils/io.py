@@ -36,7 +36,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(
+        path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
