@@ -23,11 +23,13 @@ class QuantizerOutput(NamedTuple):
     """What :class:`VectorQuantizerEMA` returns.
 
     Attributes:
-        quantized: ``[B, code_dim, *spatial]`` straight-through quantised vectors (gradients flow to the input).
-        loss: scalar commitment loss ``beta * ||z_e - sg(e)||^2`` (the codebook itself is learnt by EMA).
+        quantized: ``[B, code_dim, *spatial]`` float32 code vectors; straight-through (gradients flow to the
+            input unchanged) when the input requires grad, the exact codebook rows otherwise.
+        loss: scalar commitment loss ``beta * mean((z_e - sg(e))^2)`` (the codebook itself is learnt by EMA).
         indices: ``[B, *spatial]`` long tensor of chosen codes.
         stats: detached scalars: ``perplexity`` in ``[1, K]``, ``usage`` (fraction of codes used in the batch)
-            in ``[0, 1]``, ``restarted`` (number of dead codes re-initialised by this call).
+            in ``[0, 1]``, ``restarted`` (number of dead codes re-initialised by this call). When the codebook
+            is updated under DDP they describe the global batch (all ranks), otherwise this rank's batch.
     """
 
     quantized: torch.Tensor
@@ -138,7 +140,8 @@ class VectorQuantizerEMA(nn.Module):
             indices = nearest_codes(flat.detach(), codebook, self.chunk_size)
             quantized = F.embedding(indices, codebook).view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
             loss = self.commitment_cost * F.mse_loss(z, quantized)
-            quantized = z + (quantized - z).detach()
+            if z.requires_grad:  # straight-through estimator; without autograd return the exact code vectors
+                quantized = z + (quantized - z).detach()
 
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             restarted = torch.zeros((), device=z.device, dtype=torch.long)

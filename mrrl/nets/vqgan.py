@@ -160,7 +160,9 @@ class VQGAN(nn.Module):
     def _check_spatial(self, spatial: Sequence[int]) -> None:
         f = self.downsample_factor
         if any(s % f for s in spatial):
-            raise ValueError(f"every spatial size must be divisible by the downsample factor {f}, got {tuple(spatial)}")
+            raise ValueError(
+                f"every spatial size must be divisible by the downsample factor {f}, got {tuple(spatial)}"
+            )
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -171,7 +173,9 @@ class VQGAN(nn.Module):
     def encode_pre_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Continuous encoder output ``z_e`` ``[B, code_dim, d, h, w]``."""
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected [B, {self.config.in_channels}, D, H, W] volumes, got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected [B, {self.config.in_channels}, D, H, W] volumes, got {tuple(x.shape)}"
+            )
         self._check_spatial(x.shape[2:])
         return self._run(self.encoder.blocks, x)
 
