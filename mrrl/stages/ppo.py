@@ -1,0 +1,464 @@
+"""Stage 5, ``mrrl stage=ppo``: PPO fine-tuning of the latent diffusion model (paper §3.5, DDPO-style).
+
+The denoising process is a K-step decision task and the diffusion UNet is the policy: each step is a
+Gaussian ``N(μθ(x_t), σ_t²)`` (DDIM with η > 0), whose log-probability is averaged over the latent's
+dimensions. One training step = one PPO iteration:
+
+1. rollout (no grad): sample class-balanced latents with the current policy, recording every transition
+   and its log-prob; decode x̂0 with the frozen VQGAN; reward ``w3d·R3D(x̂0) + w2d·R2D(x̂0)``;
+2. advantages: rewards normalised per class with statistics gathered from every DDP rank, clipped;
+3. update: ``inner_epochs`` passes over the recorded transitions in minibatches; per timestep the clipped
+   surrogate plus β × the closed-form KL to the frozen reference policy, backpropagated one timestep at a
+   time (memory does not grow with K), gradients averaged across ranks, clipped, non-finite updates skipped.
+
+Each Lightning "epoch" is one iteration, so an interrupted run resumes at an iteration boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from mrrl.diffusion import sample, step_log_prob
+from mrrl.diffusion.generate import (
+    EMA_PREFIX,
+    RAW_PREFIX,
+    SCALE_KEY,
+    decode_latents,
+    generate_volumes,
+    load_diffusion,
+)
+from mrrl.errors import ConfigError, ManifestError
+from mrrl.latents import load_vqgan
+from mrrl.manifest import read_manifest, write_manifest
+from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
+from mrrl.runtime import build_datamodule
+from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit
+from mrrl.utils.io import atomic_path
+from mrrl.viz import log_figure, slices_figure
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+FINAL_CKPT = "ppo_final.ckpt"
+
+
+class MultiScaleReward:
+    """``w3d·R3D(x) + w2d·R2D(x)`` on decoded volumes; returns the total and each component."""
+
+    def __init__(self, r3d: torch.nn.Module | None, r2d: torch.nn.Module | None, w3d: float, w2d: float):
+        if (w3d and r3d is None) or (w2d and r2d is None):
+            raise ConfigError("a reward model with a non-zero weight is missing")
+        self.models = {"r3d": (r3d, float(w3d)), "r2d": (r2d, float(w2d))}
+
+    def to(self, device: torch.device) -> MultiScaleReward:
+        for model, _ in self.models.values():
+            if model is not None:
+                model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        total = torch.zeros(volumes.shape[0], device=volumes.device)
+        for name, (model, weight) in self.models.items():
+            if model is None or weight == 0:
+                continue
+            score = model.score_volumes(volumes).float().to(volumes.device)
+            out[name] = score
+            total = total + weight * score
+        out["total"] = total
+        return out
+
+
+class _IterationDataset(torch.utils.data.Dataset):
+    """One item per epoch: Lightning's epoch = one PPO iteration (clean resume boundaries)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class PPOModule(L.LightningModule):
+    def __init__(
+        self,
+        diffusion_ckpt: str,
+        vqgan_ckpt: str,
+        class_names: Sequence[str],
+        ppo: Mapping[str, Any],
+        reward_ckpts: Mapping[str, str | None] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.cfg = dict(ppo)
+        loaded = load_diffusion(diffusion_ckpt, use_ema=True)
+        self.policy = loaded.denoiser.requires_grad_(True)
+        self.scale_factor = loaded.scale_factor
+        self.latent_shape = tuple(loaded.latent_shape)
+        self.class_names = list(class_names)
+        if list(loaded.class_names) != self.class_names:
+            raise ConfigError(f"diffusion classes {loaded.class_names} differ from the data's {self.class_names}")
+        self._select_trainable(self.cfg.get("trainable", "all"))
+        # Frozen helpers live outside the module tree: never trained, never in the DDP bucket or checkpoints.
+        self._frozen: dict[str, Any] = {
+            "reference": copy.deepcopy(loaded.denoiser).requires_grad_(False).eval(),
+            "vqgan": load_vqgan(vqgan_ckpt),
+        }
+        self.reward_fn: RewardFn | None = None
+        if reward_ckpts is not None:
+            from mrrl.reward.models import load_reward_model
+
+            models = {k: load_reward_model(v) if v else None for k, v in reward_ckpts.items()}
+            self.reward_fn = MultiScaleReward(models.get("r3d"), models.get("r2d"), self.cfg["w3d"], self.cfg["w2d"])
+        self.normalizer = PerClassRewardNormalizer(
+            len(self.class_names), int(self.cfg["stat_buffer"]), int(self.cfg["stat_min_count"]),
+            float(self.cfg["adv_clip"]),
+        )
+        self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+        self.fid_probe: Callable[[PPOModule], dict[str, float]] | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _select_trainable(self, trainable: str | Sequence[str]) -> None:
+        """``all`` or regexes over UNet parameter names (partial fine-tuning saves optimiser memory)."""
+        if trainable == "all":
+            return
+        patterns = [re.compile(p) for p in ([trainable] if isinstance(trainable, str) else trainable)]
+        matched = 0
+        for name, param in self.policy.unet.named_parameters():
+            param.requires_grad_(any(p.search(name) for p in patterns))
+            matched += int(param.requires_grad)
+        if not matched:
+            raise ConfigError(f"stage.trainable={trainable} matches no UNet parameter")
+
+    @property
+    def reference(self):
+        return self._frozen["reference"]
+
+    @property
+    def vqgan(self):
+        return self._frozen["vqgan"]
+
+    def on_fit_start(self) -> None:
+        self.reference.to(self.device)
+        self.vqgan.to(self.device)
+        if self.reward_fn is not None and hasattr(self.reward_fn, "to"):
+            self.reward_fn.to(self.device)
+        self.policy.eval()  # no dropout anywhere: recomputed log-probs must match the rollout's exactly
+
+    def train(self, mode: bool = True) -> PPOModule:
+        super().train(mode)
+        self.policy.eval()
+        return self
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params, lr=float(self.cfg["lr"]), betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(self.cfg.get("weight_decay", 1e-4)), eps=1e-8,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_IterationDataset(), batch_size=1)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _rank_generator(self) -> torch.Generator:
+        """Different noise on every rank and iteration, reproducible from the seed."""
+        rank = self.global_rank if self._trainer is not None else 0
+        seed = int(self.cfg["seed"]) * 1_000_003 + int(self.iterations) * 1009 + rank
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _balanced_labels(self, n: int) -> torch.Tensor:
+        rank = self.global_rank if self._trainer is not None else 0
+        return (torch.arange(n) + rank * n) % len(self.class_names)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            return self.all_gather(tensor).reshape(-1, *tensor.shape[1:])
+        return tensor
+
+    def _no_sync(self):
+        model = self.trainer.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+
+    def _average_gradients(self) -> None:
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            for param in self.policy.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                    param.grad /= self.world_size
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self) -> dict[str, Any]:
+        n = int(self.cfg["rollout_batch_size"])
+        labels = self._balanced_labels(n).to(self.device)
+        latents, trajectory = sample(
+            self.policy, labels, int(self.cfg["num_steps"]), sampler=self.cfg["sampler"],
+            eta=float(self.cfg["eta"]), generator=self._rank_generator(), shape=self.latent_shape,
+            return_trajectory=True,
+        )
+        if not bool(trajectory.stochastic.all()):
+            raise ConfigError(
+                "some sampler steps are deterministic (σ=0) and have no log-probability: use eta > 0 with a "
+                "diffusion schedule trained with steps_offset=1, set_alpha_to_one=false"
+            )
+        volumes = decode_latents(self.vqgan, latents, self.scale_factor).float().clamp(-1, 1)
+        assert self.reward_fn is not None, "PPOModule needs a reward function"
+        rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
+        store = torch.bfloat16 if self.cfg.get("buffer_dtype") == "bfloat16" else torch.float32
+        return {
+            "labels": labels.cpu(),
+            "latents": torch.stack([x.to("cpu", store) for x in trajectory.latents], dim=1),  # [B, K+1, ...]
+            "timesteps": trajectory.timesteps.cpu(),
+            "prev_timesteps": trajectory.prev_timesteps.cpu(),
+            "log_probs": trajectory.log_probs.float().cpu(),  # [B, K]
+            "rewards": rewards,
+            "volumes": volumes[: int(self.cfg.get("figure_volumes", 2))].cpu(),
+        }
+
+    # ------------------------------------------------------------------------------------------ update
+    def _step_terms(self, buffer, idx: torch.Tensor, j: int, advantages: torch.Tensor):
+        x_t = buffer["latents"][idx, j].to(self.device, torch.float32)
+        x_prev = buffer["latents"][idx, j + 1].to(self.device, torch.float32)
+        labels = buffer["labels"][idx].to(self.device)
+        t, prev_t = buffer["timesteps"][j], buffer["prev_timesteps"][j]
+        kwargs = {"prev_t": prev_t, "sampler": self.cfg["sampler"], "eta": float(self.cfg["eta"])}
+        new = step_log_prob(self.policy, x_t, x_prev, t, labels, **kwargs)
+        old = buffer["log_probs"][idx, j].to(self.device)
+        loss = clipped_surrogate(new.log_prob, old, advantages, float(self.cfg["clip_range"]))
+        with torch.no_grad():
+            ref = step_log_prob(self.reference, x_t, x_prev, t, labels, **kwargs)
+        kl = gaussian_kl_mean(new.mean, ref.mean, new.std)
+        return loss, kl, ppo_step_stats(new.log_prob.detach(), old, float(self.cfg["clip_range"]))
+
+    def update(self, buffer: Mapping[str, Any], advantages: torch.Tensor) -> dict[str, float]:
+        optimizer = self.optimizers()
+        n, k = buffer["log_probs"].shape
+        mb = min(int(self.cfg["train_batch_size"]), n)
+        n_train = max(1, int(round(k * float(self.cfg.get("timestep_fraction", 1.0)))))
+        beta = float(self.cfg["kl_coef"])
+        totals = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+        count = 0
+        generator = self._rank_generator()
+        for _ in range(int(self.cfg["inner_epochs"])):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, mb):
+                idx = order[start : start + mb]
+                steps = torch.randperm(k, generator=generator)[:n_train].tolist()
+                optimizer.zero_grad(set_to_none=True)
+                with self._no_sync():
+                    for j in steps:
+                        policy_loss, kl, stats = self._step_terms(buffer, idx, j, advantages[idx].to(self.device))
+                        loss = (policy_loss + beta * kl) / len(steps)
+                        # One timestep's graph at a time: memory does not grow with K.
+                        self.manual_backward(loss)
+                        totals["loss"] += float(loss) * len(steps)
+                        totals["policy_loss"] += float(policy_loss)
+                        totals["kl"] += float(kl)
+                        totals["approx_kl"] += float(stats["approx_kl"])
+                        totals["clip_fraction"] += float(stats["clip_fraction"])
+                        count += 1
+                self._average_gradients()
+                if self._finite_gradients():
+                    clip = self.cfg.get("grad_clip")
+                    if clip:
+                        self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+                    optimizer.step()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    self.skipped_updates += 1
+                    log.warning("skipped a PPO update with non-finite gradients")
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    def _finite_gradients(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for p in self.policy.parameters() if p.grad is not None]
+        ok = torch.stack(flags).all() if flags else torch.tensor(True)
+        if self.world_size > 1 and dist.is_initialized():
+            ok = ok.to(self.device).float()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        buffer = self.rollout()
+        rewards = buffer["rewards"]["total"]
+        labels = buffer["labels"].to(rewards.device)
+        all_rewards, all_labels = self._gather(rewards), self._gather(labels)
+        advantages = self.normalizer.normalize(rewards.cpu(), labels.cpu(), all_rewards.cpu(), all_labels.cpu())
+        stats = self.update(buffer, advantages)
+        self.iterations += 1
+        logs = {f"ppo/{k}": v for k, v in stats.items()}
+        logs["ppo/reward_mean"] = float(all_rewards.mean())
+        logs["ppo/reward_std"] = float(all_rewards.std(unbiased=False)) if all_rewards.numel() > 1 else 0.0
+        for name, values in buffer["rewards"].items():
+            gathered = self._gather(values)
+            for label, class_name in enumerate(self.class_names):
+                mask = all_labels == label
+                if mask.any():
+                    logs[f"reward/{name}_{class_name}"] = float(gathered[mask].mean())
+        logs["ppo/skipped_updates"] = float(self.skipped_updates)
+        logs["ppo/iteration"] = float(self.iterations)
+        self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        every = int(self.cfg.get("fid_every", 0) or 0)
+        if self.fid_probe is not None and every and int(self.iterations) % every == 0:
+            self.log_dict(self.fid_probe(self), on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        if self.trainer.is_global_zero and int(self.iterations) % int(self.cfg.get("figure_every", 10)) == 0:
+            figure = slices_figure({"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}")
+            log_figure(figure, "ppo/samples", int(self.iterations), self.trainer.default_root_dir, self.loggers)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reward_normalizer"] = self.normalizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reward_normalizer" in checkpoint:
+            self.normalizer.load_state_dict(checkpoint["reward_normalizer"])
+
+
+def gaussian_kl_mean(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Closed-form per-step KL ``‖μθ − μref‖² / (2σ_t²)``, averaged over dimensions (as the log-prob) and batch."""
+    from mrrl.diffusion import gaussian_kl
+
+    return gaussian_kl(mean_a, mean_b, std, reduce="mean").mean()
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def save_policy_as_diffusion_checkpoint(module: PPOModule, base_ckpt: str | Path, out_path: str | Path) -> Path:
+    """The fine-tuned UNet in the diffusion stage's checkpoint format (``load_diffusion`` reads it)."""
+    base = torch.load(base_ckpt, map_location="cpu", weights_only=False)
+    weights = {k: v.detach().cpu() for k, v in module.policy.unet.state_dict().items()}
+    state = {k: v for k, v in base["state_dict"].items() if not k.startswith((EMA_PREFIX, RAW_PREFIX))}
+    state.update({EMA_PREFIX + k: v for k, v in weights.items()})
+    state.update({RAW_PREFIX + k: v for k, v in weights.items()})
+    state[SCALE_KEY] = base["state_dict"][SCALE_KEY]
+    payload = {
+        "state_dict": state,
+        "hyper_parameters": {**dict(base["hyper_parameters"]), "fine_tuned_by": "ppo",
+                             "ppo_iterations": int(module.iterations), "base_ckpt": str(base_ckpt)},
+        "global_step": base.get("global_step"),
+    }
+    with atomic_path(out_path) as tmp:
+        torch.save(payload, tmp)
+    return Path(out_path)
+
+
+def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | None]:
+    stage = cfg.stage
+    ckpts = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
+    if not all(ckpts.values()):
+        outputs = read_manifest(cfg.paths.experiment_dir, "reward", "run `mrrl stage=reward` first or pass "
+                                "stage.r3d_ckpt=<path> stage.r2d_ckpt=<path>")["outputs"]
+        for key in ckpts:
+            if not ckpts[key]:
+                entry = outputs.get(key) or {}
+                ckpts[key] = outputs.get(f"{key}_ckpt") or entry.get("best_ckpt") or entry.get("ckpt")
+    for key, weight in (("r3d", stage.w3d), ("r2d", stage.w2d)):
+        if float(weight) == 0:
+            ckpts[key] = None
+        elif not ckpts[key] or not Path(ckpts[key]).is_file():
+            raise ManifestError(f"reward model {key} checkpoint {ckpts[key]} does not exist")
+    return ckpts
+
+
+def _diffusion_checkpoint(cfg: DictConfig) -> str:
+    ckpt = cfg.stage.get("diffusion_ckpt")
+    if not ckpt:
+        outputs = read_manifest(cfg.paths.experiment_dir, "diffusion")["outputs"]
+        ckpt = outputs.get("best_ckpt") or outputs.get("last_ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        raise ManifestError(f"diffusion checkpoint {ckpt} does not exist: run `mrrl stage=diffusion` first")
+    return str(ckpt)
+
+
+def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Callable[[PPOModule], dict]:
+    """A small FID per class of the current policy against the real training volumes (rank 0 only)."""
+    from mrrl.metrics import RealStatsCache, build_extractor, compute_statistics
+
+    stage = cfg.stage
+    extractor = build_extractor(stage.fid_extractor, in_channels=datamodule.image_shape[0])
+    cache = RealStatsCache(Path(cfg.paths.cache_dir) / "fid_stats")
+    real_stats = {}
+    for name in datamodule.class_names:
+        dataset = datamodule.dataset("train", label=name)
+        real = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        key = {"dataset": datamodule.name, "preprocessing": datamodule.cache.dir.name, "split": "train",
+               "class": name, "ids": sorted(s.id for s in dataset.subjects), "extractor": extractor.identity}
+        real_stats[name] = cache.get_or_compute(key, lambda real=real: compute_statistics(extractor, real, 8, "cpu"))
+
+    def probe(module: PPOModule) -> dict[str, float]:
+        if not module.trainer.is_global_zero:
+            return {}
+        extractor.to(module.device)
+        out = {}
+        generator = torch.Generator().manual_seed(int(stage.seed))
+        for label, name in enumerate(module.class_names):
+            labels = torch.full((int(stage.fid_probe_n),), label)
+            volumes = generate_volumes(
+                module.policy, module.vqgan, module.scale_factor, labels, module.latent_shape,
+                num_steps=int(stage.num_steps), sampler="ddim", eta=0.0,
+                batch_size=int(stage.rollout_batch_size), generator=generator,
+            )
+            fake = compute_statistics(extractor, volumes, 8, module.device)
+            out[f"fid/{name}"] = float(fake.frechet_distance(real_stats[name]))
+        out["fid/mean"] = sum(out.values()) / len(out)
+        return out
+
+    return probe
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    if already_finished(cfg, run_dir):
+        return None
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    assert isinstance(stage, dict)
+    if float(stage["eta"]) <= 0:
+        raise ConfigError("stage.eta must be > 0: PPO needs a stochastic sampler (DDIM with eta > 0)")
+    datamodule = build_datamodule(cfg).prepare()
+    diffusion_ckpt = _diffusion_checkpoint(cfg)
+    loaded_hparams = torch.load(diffusion_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    vqgan_ckpt = stage.get("vqgan_ckpt") or loaded_hparams.get("vqgan_ckpt")
+    if not vqgan_ckpt:
+        vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]
+    module = PPOModule(diffusion_ckpt, str(vqgan_ckpt), datamodule.class_names, stage, _reward_checkpoints(cfg))
+    if int(stage.get("fid_every", 0) or 0) > 0:
+        module.fid_probe = make_fid_probe(cfg, datamodule)
+    trainer, _ = build_trainer(cfg, run_dir)
+    fit(trainer, module, None, run_dir)
+    if not trainer.is_global_zero:
+        return None
+    final = save_policy_as_diffusion_checkpoint(module, diffusion_ckpt, run_dir / FINAL_CKPT)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    outputs = {
+        **checkpoint_outputs(run_dir, None),
+        "final_ckpt": str(final.resolve()),
+        "best_ckpt": str(final.resolve()),
+        "base_diffusion_ckpt": diffusion_ckpt,
+        "vqgan_ckpt": str(vqgan_ckpt),
+        "iterations": int(module.iterations),
+        "skipped_updates": int(module.skipped_updates),
+        "final_metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+        "metrics_csv": str((run_dir / "logs" / "metrics.csv").resolve()),
+    }
+    write_manifest(run_dir, "ppo", outputs, cfg)
+    return outputs
