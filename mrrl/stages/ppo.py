@@ -115,8 +115,10 @@ class PPOModule(L.LightningModule):
             raise ConfigError(f"diffusion classes {loaded.class_names} differ from the data's {self.class_names}")
         self._select_trainable(self.cfg.get("trainable", "all"))
         # Frozen helpers live outside the module tree: never trained, never in the DDP bucket or checkpoints.
+        # The reference keeps requires_grad=True like the policy (it is only ever called under no_grad and is
+        # in no optimiser): CPU kernels differ with the flag, and an unchanged policy must give KL = 0 exactly.
         self._frozen: dict[str, Any] = {
-            "reference": copy.deepcopy(loaded.denoiser).requires_grad_(False).eval(),
+            "reference": copy.deepcopy(loaded.denoiser).eval(),
             "vqgan": load_vqgan(vqgan_ckpt),
         }
         self.reward_fn: RewardFn | None = None
@@ -222,7 +224,8 @@ class PPOModule(L.LightningModule):
                 "some sampler steps are deterministic (σ=0) and have no log-probability: use eta > 0 with a "
                 "diffusion schedule trained with steps_offset=1, set_alpha_to_one=false"
             )
-        volumes = decode_latents(self.vqgan, latents, self.scale_factor).float().clamp(-1, 1)
+        quantize = bool(self.cfg.get("decode_quantize", True))
+        volumes = decode_latents(self.vqgan, latents, self.scale_factor, quantize=quantize).float().clamp(-1, 1)
         assert self.reward_fn is not None, "PPOModule needs a reward function"
         rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
         store = torch.bfloat16 if self.cfg.get("buffer_dtype") == "bfloat16" else torch.float32
@@ -232,6 +235,7 @@ class PPOModule(L.LightningModule):
             "timesteps": trajectory.timesteps.cpu(),
             "prev_timesteps": trajectory.prev_timesteps.cpu(),
             "log_probs": trajectory.log_probs.float().cpu(),  # [B, K]
+            "stds": trajectory.stds.flatten()[: trajectory.num_steps].float().cpu(),  # [K], shared by the batch
             "rewards": rewards,
             "volumes": volumes[: int(self.cfg.get("figure_volumes", 2))].cpu(),
         }
@@ -255,7 +259,12 @@ class PPOModule(L.LightningModule):
         optimizer = self.optimizers()
         n, k = buffer["log_probs"].shape
         mb = min(int(self.cfg["train_batch_size"]), n)
-        n_train = max(1, int(round(k * float(self.cfg.get("timestep_fraction", 1.0)))))
+        # Steps whose σ_t is below min_step_std are not trained: their noise barely changes x̂0 (no credit to
+        # assign) while their log-prob gradients scale like 1/σ_t and would drown the informative steps.
+        trainable = torch.nonzero(buffer["stds"] >= float(self.cfg.get("min_step_std", 0.0) or 0.0)).flatten()
+        if trainable.numel() == 0:
+            raise ConfigError("stage.min_step_std excludes every sampler step")
+        n_train = max(1, int(round(trainable.numel() * float(self.cfg.get("timestep_fraction", 1.0)))))
         beta = float(self.cfg["kl_coef"])
         totals = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
         count = 0
@@ -264,7 +273,7 @@ class PPOModule(L.LightningModule):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, mb):
                 idx = order[start : start + mb]
-                steps = torch.randperm(k, generator=generator)[:n_train].tolist()
+                steps = trainable[torch.randperm(trainable.numel(), generator=generator)[:n_train]].tolist()
                 optimizer.zero_grad(set_to_none=True)
                 with self._no_sync():
                     for j in steps:
@@ -272,9 +281,9 @@ class PPOModule(L.LightningModule):
                         loss = (policy_loss + beta * kl) / len(steps)
                         # One timestep's graph at a time: memory does not grow with K.
                         self.manual_backward(loss)
-                        totals["loss"] += float(loss) * len(steps)
-                        totals["policy_loss"] += float(policy_loss)
-                        totals["kl"] += float(kl)
+                        totals["loss"] += float(loss.detach()) * len(steps)
+                        totals["policy_loss"] += float(policy_loss.detach())
+                        totals["kl"] += float(kl.detach())
                         totals["approx_kl"] += float(stats["approx_kl"])
                         totals["clip_fraction"] += float(stats["clip_fraction"])
                         count += 1

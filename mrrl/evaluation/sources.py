@@ -1,0 +1,402 @@
+"""The rows of Table 2 and their volumes.
+
+Rows come from the experiment's stage manifests (or checkpoint paths given on the command line):
+
+- ``vqgan``: the real test set reconstructed by the VQGAN (``encode`` → ``decode``), the limit no latent
+  diffusion model with this VQGAN can beat;
+- ``standard`` / ``rl``: ``n_per_class`` volumes per class sampled from the diffusion / PPO checkpoint;
+- extra models (``stage.extra_models={name: source}``): a diffusion checkpoint, a folder of
+  ``<class>.npy`` files, an ``.npz`` with one array per class, or a mapping ``{class: file.npy}``.
+
+Generated (and reconstructed) volumes are cached as ``<samples_dir>/<model>/<class>.npy`` with a JSON
+sidecar holding everything that decides them (checkpoint identity, sampler settings, seed, count); a
+rerun with the same settings loads them instead of sampling again. The sidecar is deleted before the
+array is replaced and written after it, so a crash in between can never pair new settings with old
+volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mrrl.errors import ConfigError, ManifestError
+from mrrl.manifest import manifest_path, read_manifest
+from mrrl.utils.io import atomic_save_npy, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ROW_LABELS = {"vqgan": "3D-VQGAN reconstruction", "standard": "Standard diffusion", "rl": "RL fine-tuned"}
+
+
+@dataclass(frozen=True)
+class DefaultRow:
+    key: str
+    stage: str  # the stage whose manifest names the checkpoint
+    override: str  # stage config key that replaces the manifest lookup
+    ckpt_keys: tuple[str, ...]  # manifest output keys tried in order
+    kind: str
+
+
+DEFAULT_ROWS = (
+    DefaultRow("vqgan", "vqgan", "vqgan_ckpt", ("best_ckpt", "last_ckpt"), "reconstruction"),
+    DefaultRow(
+        "standard", "diffusion", "diffusion_ckpt", ("ema_ckpt", "best_ckpt", "last_ckpt"), "diffusion"
+    ),
+    DefaultRow("rl", "ppo", "rl_ckpt", ("best_ckpt", "final_ckpt", "last_ckpt"), "diffusion"),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row: ``kind`` is ``reconstruction`` (VQGAN checkpoint), ``diffusion`` (diffusion/PPO checkpoint)
+    or ``volumes`` (``source`` is a folder of ``<class>.npy`` or an ``.npz``; ``class_files`` a mapping)."""
+
+    key: str
+    label: str
+    kind: str
+    source: str
+    class_files: tuple[tuple[str, str], ...] = ()
+
+    def identity(self) -> dict[str, Any]:
+        """What the row's volumes depend on: the kind and the size/mtime of every input file."""
+        files = [p for _, p in self.class_files] or [self.source]
+        return {"kind": self.kind, "files": [file_identity(p) for p in files]}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How diffusion rows are sampled (everything here is part of the sample-cache key)."""
+
+    n_per_class: int = 30
+    sampler: str = "ddim"
+    num_steps: int = 100
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+    use_ema: bool = True
+    decode_quantize: bool | None = None  # None: the checkpoint's own sampling setting
+
+    @classmethod
+    def from_config(cls, stage: DictConfig) -> GenerationSettings:
+        return cls(
+            n_per_class=int(stage.n_per_class),
+            sampler=str(stage.sampler),
+            num_steps=int(stage.num_steps),
+            eta=float(stage.eta),
+            guidance_scale=float(stage.guidance_scale),
+            batch_size=int(stage.sample_batch_size),
+            seed=int(stage.seed),
+            use_ema=bool(stage.get("use_ema", True)),
+            decode_quantize=None if stage.get("decode_quantize") is None else bool(stage.decode_quantize),
+        )
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sampler == "ddpm" or self.eta > 0
+
+    def cache_key(self) -> dict[str, Any]:
+        key = asdict(self)
+        # The initial noise is drawn for the whole class at once, so deterministic sampling (DDIM, eta 0)
+        # gives the same volumes whatever the batch; stochastic steps draw their noise batch by batch.
+        if not self.stochastic:
+            key.pop("batch_size")
+        return key
+
+
+@dataclass
+class VolumeContext:
+    """Everything :func:`model_volumes` needs besides the row itself."""
+
+    class_names: list[str]
+    real: Mapping[str, torch.Tensor]  # real test volumes per class, [N, C, D, H, W] on the CPU
+    real_ids: Mapping[str, Sequence[str]]
+    image_shape: tuple[int, ...]
+    settings: GenerationSettings
+    samples_dir: Path
+    device: torch.device | str = "cpu"
+    regenerate: bool = False
+    vqgan_ckpt: str | None = None  # the experiment's VQGAN: decodes samples of checkpoints that name none
+    reconstruction_batch_size: int = 2
+
+
+@dataclass
+class VolumeSet:
+    volumes: dict[str, torch.Tensor]
+    reused: dict[str, bool] = field(default_factory=dict)  # class -> loaded from the sample cache
+    seconds: float = 0.0
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "model"
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def manifest_checkpoint(experiment_dir: str | Path, stage: str, keys: Sequence[str]) -> str:
+    """The first existing checkpoint among ``keys`` of ``stage``'s manifest (``ManifestError`` otherwise)."""
+    outputs = read_manifest(experiment_dir, stage)["outputs"]
+    where = manifest_path(experiment_dir, stage)
+    for key in keys:
+        if outputs.get(key):
+            path = Path(outputs[key])
+            if not path.is_file():
+                raise ManifestError(
+                    f"{where} names {key}={path}, which does not exist: rerun `mrrl stage={stage}`"
+                )
+            return str(path)
+    raise ManifestError(
+        f"{where} names no checkpoint (looked for {', '.join(keys)}): rerun `mrrl stage={stage}`"
+    )
+
+
+def _user_path(value: Any, what: str) -> Path:
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{what}: {path} does not exist")
+    return path
+
+
+def _extra_spec(name: str, value: Any) -> ModelSpec:
+    key = safe_name(name)
+    if key in ROW_LABELS:
+        raise ConfigError(f"stage.extra_models.{name}: the name is taken by a default row; pick another")
+    what = f"stage.extra_models.{name}"
+    if isinstance(value, Mapping) or OmegaConf.is_dict(value):
+        files = tuple((str(c), str(_user_path(p, f"{what}.{c}"))) for c, p in dict(value).items())
+        return ModelSpec(key, str(name), "volumes", "", files)
+    path = _user_path(value, what)
+    if path.is_dir() or path.suffix == ".npz":
+        return ModelSpec(key, str(name), "volumes", str(path))
+    return ModelSpec(key, str(name), "diffusion", str(path))
+
+
+def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
+    """The rows this experiment can fill, and ``{row: why it is missing}`` for the default rows it cannot.
+
+    A checkpoint given on the command line (``stage.vqgan_ckpt`` / ``diffusion_ckpt`` / ``rl_ckpt``)
+    replaces the manifest lookup and must exist.
+    """
+    specs: list[ModelSpec] = []
+    missing: dict[str, str] = {}
+    use_ema = bool(cfg.stage.get("use_ema", True))
+    for row in DEFAULT_ROWS:
+        override = cfg.stage.get(row.override)
+        keys = [k for k in row.ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
+        try:
+            if override:
+                ckpt = str(_user_path(override, f"stage.{row.override}"))
+            else:
+                ckpt = manifest_checkpoint(cfg.paths.experiment_dir, row.stage, keys)
+        except ManifestError as exc:
+            missing[row.key] = f"{ROW_LABELS[row.key]}: {exc}"
+            continue
+        specs.append(ModelSpec(row.key, ROW_LABELS[row.key], row.kind, ckpt))
+    for name, value in (cfg.stage.get("extra_models") or {}).items():
+        specs.append(_extra_spec(str(name), value))
+    return specs, missing
+
+
+# ---------------------------------------------------------------------------------------------- volume cache
+
+
+def _normalise(key: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(dict(key), sort_keys=True, default=str))
+
+
+def cached_volumes(
+    path: Path, key: Mapping[str, Any], compute: Callable[[], torch.Tensor], regenerate: bool = False
+) -> tuple[torch.Tensor, bool]:
+    """``(volumes, reused)``: the cached ``path`` if its sidecar matches ``key``; else computed and saved."""
+    sidecar = path.with_suffix(".json")
+    key = _normalise(key)
+    if not regenerate and path.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()) == key:
+                return torch.from_numpy(np.load(path)), True
+        except (OSError, ValueError):
+            pass  # unreadable: regenerate
+    volumes = compute().detach().float().cpu().contiguous()
+    sidecar.unlink(missing_ok=True)
+    atomic_save_npy(path, volumes.numpy())
+    atomic_write_json(sidecar, key)
+    return volumes, False
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+
+def model_volumes(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
+    """The row's volumes per class (``[N, C, D, H, W]`` float32 on the CPU)."""
+    start = time.monotonic()
+    if spec.kind == "volumes":
+        result = VolumeSet(load_volume_files(spec, ctx.class_names, ctx.image_shape))
+    elif spec.kind == "reconstruction":
+        result = _reconstructions(spec, ctx)
+    elif spec.kind == "diffusion":
+        result = _samples(spec, ctx)
+    else:
+        raise ValueError(f"unknown model kind {spec.kind!r}")
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _as_volumes(array: np.ndarray, image_shape: Sequence[int], where: str) -> torch.Tensor:
+    volumes = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    if volumes.ndim == 4 and image_shape[0] == 1:
+        volumes = volumes[:, None]
+    if volumes.ndim != 5 or tuple(volumes.shape[1:]) != tuple(image_shape):
+        raise ConfigError(
+            f"{where}: expected volumes [N, {', '.join(map(str, image_shape))}] (the preprocessed data), "
+            f"got {list(array.shape)}"
+        )
+    if not torch.isfinite(volumes).all():
+        raise ConfigError(f"{where}: volumes contain NaN or Inf")
+    return volumes
+
+
+def load_volume_files(spec: ModelSpec, class_names: Sequence[str], image_shape: Sequence[int]) -> dict:
+    """Volumes of a ``volumes`` row: ``<dir>/<class>.npy``, an ``.npz`` keyed by class, or a mapping."""
+    if spec.class_files:
+        files = dict(spec.class_files)
+        absent = [c for c in class_names if c not in files]
+        if absent:
+            raise ConfigError(f"extra model {spec.label!r} has no volumes for class(es) {absent}")
+        return {c: _as_volumes(np.load(files[c]), image_shape, files[c]) for c in class_names}
+    source = Path(spec.source)
+    if source.suffix == ".npz":
+        with np.load(source) as data:
+            absent = [c for c in class_names if c not in data.files]
+            if absent:
+                raise ConfigError(f"{source} has no array for class(es) {absent} (found {data.files})")
+            return {c: _as_volumes(data[c], image_shape, f"{source}[{c}]") for c in class_names}
+    out = {}
+    for c in class_names:
+        path = source / f"{c}.npy"
+        if not path.is_file():
+            raise ConfigError(
+                f"extra model {spec.label!r}: {path} does not exist (one <class>.npy per class)"
+            )
+        out[c] = _as_volumes(np.load(path), image_shape, str(path))
+    return out
+
+
+def _reconstructions(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
+    from mrrl.latents import load_vqgan
+
+    net = None
+    result = VolumeSet({})
+    for c in ctx.class_names:
+        key = {"model": spec.identity(), "class": c, "subjects": list(ctx.real_ids[c])}
+
+        def compute(c: str = c) -> torch.Tensor:
+            nonlocal net
+            net = net if net is not None else load_vqgan(spec.source, ctx.device)
+            return reconstruct(net, ctx.real[c], ctx.reconstruction_batch_size, ctx.device)
+
+        path = ctx.samples_dir / spec.key / f"{safe_name(c)}.npy"
+        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate)
+    return result
+
+
+@torch.no_grad()
+def reconstruct(vqgan, volumes: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """``decode(encode(x))`` in batches, clamped to the data range [-1, 1]."""
+    out = [vqgan.reconstruct(b.to(device)).float().clamp(-1, 1).cpu() for b in volumes.split(batch_size)]
+    return torch.cat(out)
+
+
+def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
+    settings = ctx.settings
+    generator_fn = None
+    result = VolumeSet({})
+    for index, c in enumerate(ctx.class_names):
+        key = {"model": spec.identity(), "class": c, "class_index": index, **settings.cache_key()}
+
+        def compute(index: int = index) -> torch.Tensor:
+            nonlocal generator_fn
+            if generator_fn is None:
+                generator_fn = load_sampler(spec.source, ctx)
+            # One CPU generator per class, seeded from (seed, class): adding classes or changing the batch
+            # size leaves every other sample unchanged, and the standard and RL rows start from the same
+            # noise, so their difference is the fine-tuning's alone.
+            gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+            return generator_fn(index, settings.n_per_class, gen).float().clamp(-1, 1)
+
+        path = ctx.samples_dir / spec.key / f"{safe_name(c)}.npy"
+        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate)
+        if tuple(result.volumes[c].shape[1:]) != tuple(ctx.image_shape):
+            raise ConfigError(
+                f"{spec.label} ({spec.source}) generates volumes of shape "
+                f"{list(result.volumes[c].shape[1:])}, but the test data are {list(ctx.image_shape)}: "
+                "evaluate with the data settings it was trained on"
+            )
+    return result
+
+
+def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[[int, int, torch.Generator], torch.Tensor]:
+    """``fn(class_index, n, generator) -> decoded volumes`` for a diffusion (or PPO) checkpoint.
+
+    Samples are decoded by the VQGAN the checkpoint names (its latents are that VQGAN's); only when that
+    file is gone is the experiment's VQGAN used, with a warning.
+    """
+    from mrrl.diffusion.generate import generate_volumes, load_diffusion
+    from mrrl.latents import load_vqgan
+
+    settings = ctx.settings
+    loaded = load_diffusion(ckpt, use_ema=settings.use_ema, device=ctx.device)
+    if list(loaded.class_names) != list(ctx.class_names):
+        raise ConfigError(
+            f"{ckpt} was trained on classes {loaded.class_names}, the test data have {list(ctx.class_names)}"
+        )
+    vqgan_ckpt = loaded.vqgan_ckpt
+    if not vqgan_ckpt or not Path(vqgan_ckpt).is_file():
+        if not ctx.vqgan_ckpt:
+            raise ManifestError(
+                f"{ckpt} names the VQGAN {vqgan_ckpt}, which does not exist, and the experiment has none: "
+                "run `mrrl stage=vqgan` or pass stage.vqgan_ckpt=<path>"
+            )
+        log.warning(
+            "%s names the VQGAN %s, which does not exist: decoding with %s", ckpt, vqgan_ckpt, ctx.vqgan_ckpt
+        )
+        vqgan_ckpt = ctx.vqgan_ckpt
+    vqgan = load_vqgan(vqgan_ckpt, ctx.device)
+    quantize = settings.decode_quantize
+    if quantize is None:
+        quantize = bool((loaded.hparams.get("sampling") or {}).get("decode_quantize", True))
+
+    def generate(index: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return generate_volumes(
+            loaded.denoiser,
+            vqgan,
+            loaded.scale_factor,
+            torch.full((n,), index, dtype=torch.long),
+            loaded.latent_shape,
+            num_steps=settings.num_steps,
+            sampler=settings.sampler,
+            eta=settings.eta,
+            batch_size=settings.batch_size,
+            generator=generator,
+            guidance_scale=settings.guidance_scale,
+            quantize=quantize,
+        )
+
+    return generate

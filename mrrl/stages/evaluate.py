@@ -1,0 +1,322 @@
+"""Stage 6, ``mrrl stage=evaluate``: paper Table 2, FID per class and overall for every available model.
+
+Rows: the VQGAN reconstruction of the real test set (the limit), the standard diffusion model, the RL
+fine-tuned model (found through the ``vqgan`` / ``diffusion`` / ``ppo`` manifests or given as
+``stage.vqgan_ckpt`` / ``diffusion_ckpt`` / ``rl_ckpt``) and any ``stage.extra_models``. Rows whose stage
+has not run are named with the reason and the command that produces them; the tables hold the rows
+that exist. Every configured extractor gives one FID table; precision/recall/density/coverage and MS-SSIM
+diversity go to ``metrics.json`` and the Markdown.
+
+Outputs in the run dir: ``table2.md``, ``table2.csv``, ``metrics.json``, ``figures/samples_<class>.png``,
+``samples/<model>/<class>.npy`` (the generated volumes, reused by a rerun with the same settings) and the
+manifest. A finished evaluation is skipped when its inputs (checkpoints, settings, data) are unchanged;
+``stage.force=true`` re-scores (still reusing cached samples; ``stage.regenerate=true`` samples again).
+
+With ``logger=wandb`` the FID values, the table and the figures also go to W&B.
+
+Distributed: the evaluation runs in one process on one device (the first GPU unless
+``trainer.accelerator=cpu``; no Lightning Trainer, so ``trainer=ddp`` starts no extra processes).
+Launched on several ranks (torchrun, SLURM tasks), ranks other than 0 return at once and write nothing;
+sharding the sampling over ranks is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mrrl.errors import ConfigError, ManifestError
+from mrrl.evaluation.scores import (
+    RealFeatureCache,
+    RealReference,
+    build_extractors,
+    diversity_by_class,
+    real_reference,
+    score_model,
+)
+from mrrl.evaluation.sources import (
+    GenerationSettings,
+    ModelSpec,
+    VolumeContext,
+    discover_models,
+    model_volumes,
+)
+from mrrl.evaluation.tables import gap_closed, render_markdown, write_csv, write_figures
+from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
+from mrrl.runtime import build_datamodule, build_loggers
+from mrrl.utils.io import atomic_write_json, atomic_write_text
+
+RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def process_rank() -> int:
+    for name in RANK_ENV:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_real_sets(datamodule, split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """The real ``split`` volumes per class ``[N, C, D, H, W]`` and their subject ids."""
+    volumes, ids = {}, {}
+    for c in datamodule.class_names:
+        dataset = datamodule.dataset(split, label=c)
+        if len(dataset) < 2:
+            raise ConfigError(
+                f"the {split} split has {len(dataset)} {c} volume(s); FID needs at least 2 per class "
+                "(raise data.test_per_class)"
+            )
+        items = [dataset[i] for i in range(len(dataset))]
+        volumes[c] = torch.stack([item["image"] for item in items]).float()
+        ids[c] = [item["id"] for item in items]
+    return volumes, ids
+
+
+def inputs_fingerprint(cfg: DictConfig, specs) -> dict[str, Any]:
+    """What the evaluation's numbers depend on; a finished run with the same fingerprint is not redone."""
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    assert isinstance(stage, dict)
+    for key in ("force", "regenerate"):
+        stage.pop(key, None)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return json.loads(
+        json.dumps(
+            {"models": {s.key: s.identity() for s in specs}, "stage": stage, "data": data},
+            sort_keys=True,
+            default=str,
+        )
+    )
+
+
+def _previous_inputs(run_dir: Path) -> Any:
+    try:
+        return json.loads((run_dir / MANIFEST_NAME).read_text())["outputs"].get("inputs")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN/Inf → None so ``metrics.json`` is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    if process_rank() != 0:
+        print(f"evaluate: rank {process_rank()} idle (the evaluation runs on rank 0)")
+        return None
+    run_dir = Path(run_dir)
+    specs, missing = discover_models(cfg)
+    inputs = inputs_fingerprint(cfg, specs)
+    if is_complete(run_dir) and not cfg.stage.get("force", False) and _previous_inputs(run_dir) == inputs:
+        print(f"evaluate: already evaluated these models in {run_dir} (stage.force=true re-scores)")
+        return None
+    for reason in missing.values():
+        print(f"evaluate: missing row — {reason}")
+    if not specs:
+        raise ManifestError("nothing to evaluate:\n  " + "\n  ".join(missing.values()))
+
+    device = eval_device(cfg)
+    datamodule = build_datamodule(cfg).prepare()
+    split = str(cfg.stage.get("split", "test"))
+    real, real_ids = load_real_sets(datamodule, split)
+    scorer = Scorer.build(cfg, datamodule, split, real, real_ids, device)
+    ctx = VolumeContext(
+        class_names=datamodule.class_names,
+        real=real,
+        real_ids=real_ids,
+        image_shape=tuple(datamodule.image_shape),
+        settings=GenerationSettings.from_config(cfg.stage),
+        samples_dir=run_dir / "samples",
+        device=device,
+        regenerate=bool(cfg.stage.get("regenerate", False)),
+        vqgan_ckpt=next((s.source for s in specs if s.key == "vqgan"), None),
+        reconstruction_batch_size=int(cfg.stage.get("reconstruction_batch_size", 2)),
+    )
+    n_fig = int(cfg.stage.get("figure_volumes", 2))
+    models, scores, previews = [], [], {}
+    for spec in specs:
+        model, rows, volumes = evaluate_row(spec, ctx, scorer)
+        models.append(model)
+        scores += rows
+        previews[spec.label] = {c: v[:n_fig] for c, v in volumes.items()}
+
+    results = collect_results(cfg, datamodule, split, models, missing, scores, scorer, ctx)
+    results["real"]["diversity"] = scorer.diversity(real)
+    results = _finite_or_none(results)
+    outputs = write_outputs(cfg, run_dir, results, {c: v[:n_fig] for c, v in real.items()}, previews)
+    outputs["inputs"] = inputs
+    write_manifest(run_dir, "evaluate", outputs, cfg)
+    return outputs
+
+
+@dataclass
+class Scorer:
+    """The configured extractors, the real reference and the metric settings."""
+
+    extractors: list
+    reference: RealReference
+    batch_size: int
+    k: int
+    with_prdc: bool
+    diversity_pairs: int
+    seed: int
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: DictConfig, datamodule, split: str, real, real_ids, device: torch.device) -> Scorer:
+        metrics = cfg.stage.metrics
+        image_shape = tuple(datamodule.image_shape)
+        options = OmegaConf.to_container(metrics.get("extractor_options") or {}, resolve=True)
+        extractors = [e.to(device) for e in build_extractors(list(metrics.extractors), options, image_shape)]
+        batch_size = int(metrics.batch_size)
+        cache_dir = metrics.get("stats_cache_dir") or Path(cfg.paths.cache_dir) / "fid_stats"
+        data_key = {
+            "dataset": datamodule.name,
+            "root": str(datamodule.root.resolve()),
+            "preprocessing": datamodule.cache.dir.name,
+            "split": split,
+            "image_shape": list(image_shape),
+        }
+        cache = RealFeatureCache(cache_dir)
+        reference = real_reference(extractors, real, real_ids, data_key, cache, batch_size, device)
+        return cls(
+            extractors=extractors,
+            reference=reference,
+            batch_size=batch_size,
+            k=int(metrics.prdc_k),
+            with_prdc=bool(metrics.get("with_prdc", True)),
+            diversity_pairs=int(metrics.get("diversity_pairs", 100)),
+            seed=int(cfg.stage.seed),
+            device=device,
+        )
+
+    def scores(self, volumes: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+        return score_model(
+            volumes, self.extractors, self.reference, self.batch_size, self.k, self.with_prdc, self.device
+        )
+
+    def diversity(self, volumes: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return diversity_by_class(volumes, self.diversity_pairs, self.seed, self.batch_size, self.device)
+
+
+def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer):
+    """``(model summary, score rows, volumes per class)`` of one row."""
+    t0 = time.monotonic()
+    produced = model_volumes(spec, ctx)
+    rows = [{"model": spec.key, "model_label": spec.label, **r} for r in scorer.scores(produced.volumes)]
+    model = {
+        "key": spec.key,
+        "label": spec.label,
+        "kind": spec.kind,
+        "source": spec.source or dict(spec.class_files),
+        "n_per_class": {c: len(v) for c, v in produced.volumes.items()},
+        "reused_samples": produced.reused,
+        "volume_seconds": round(produced.seconds, 3),
+        "diversity": scorer.diversity(produced.volumes),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    cached = " (cached samples)" if produced.reused and all(produced.reused.values()) else ""
+    print(f"evaluate: {spec.label}: {model['seconds']:.1f} s{cached}")
+    return model, rows, produced.volumes
+
+
+def collect_results(cfg, datamodule, split, models, missing, scores, scorer: Scorer, ctx) -> dict[str, Any]:
+    """Everything for ``metrics.json`` and the tables (see :mod:`mrrl.evaluation.tables`)."""
+    cols = [*datamodule.class_names, "All"]
+    fid: dict[str, dict[str, dict[str, float]]] = {}
+    for e in scorer.extractors:
+        fid[e.name] = {m["key"]: {} for m in models}
+        for r in scores:
+            if r["extractor"] == e.name:
+                fid[e.name][r["model"]][r["class"]] = r["fid"]
+    real_n = {c: len(v) for c, v in ctx.real.items()}
+    return {
+        "experiment": cfg.experiment_name,
+        "dataset": datamodule.name,
+        "split": split,
+        "classes": list(datamodule.class_names),
+        "models": models,
+        "missing": missing,
+        "extractors": [{"name": e.name, "identity": e.identity} for e in scorer.extractors],
+        "scores": scores,
+        "fid": fid,
+        "gap_closed": {e.name: gap_closed(fid[e.name], cols) for e in scorer.extractors},
+        "real": {"n": {**real_n, "All": sum(real_n.values())}},
+        "settings": {
+            "generation": {**ctx.settings.cache_key(), "batch_size": ctx.settings.batch_size},
+            "metrics": OmegaConf.to_container(cfg.stage.metrics, resolve=True),
+            "device": str(ctx.device),
+        },
+    }
+
+
+def write_outputs(cfg, run_dir: Path, results, real_preview, previews) -> dict[str, Any]:
+    """``table2.md``, ``table2.csv``, ``metrics.json``, figures (and W&B with ``logger=wandb``)."""
+    markdown = render_markdown(results, title=f"Table 2 ({results['experiment']}, {results['dataset']})")
+    table_md = atomic_write_text(run_dir / "table2.md", markdown)
+    table_csv = write_csv(run_dir / "table2.csv", results)
+    metrics_json = atomic_write_json(run_dir / "metrics.json", results)
+    figures = write_figures(
+        run_dir / "figures", real_preview, previews, int(cfg.stage.get("figure_volumes", 2))
+    )
+    print(markdown)
+    if cfg.logger.name == "wandb":
+        log_to_wandb(cfg, run_dir, results, figures)
+    return {
+        "table_md": str(table_md.resolve()),
+        "table_csv": str(table_csv.resolve()),
+        "metrics_json": str(metrics_json.resolve()),
+        "figures": [str(p.resolve()) for p in figures],
+        "rows": [m["key"] for m in results["models"]],
+        "missing": results["missing"],
+        "fid": results["fid"],
+        "gap_closed": results["gap_closed"],
+    }
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, results: Mapping[str, Any], figures: list[Path]) -> None:
+    """FID scalars (``evaluate/fid/<extractor>/<model>/<class>``), the FID table and the figures."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [lg for lg in build_loggers(cfg, run_dir) if isinstance(lg, WandbLogger)]
+    cols = [*results["classes"], "All"]
+    for logger in loggers:
+        flat = {
+            f"evaluate/fid/{ext}/{model}/{c}": v
+            for ext, per_model in results["fid"].items()
+            for model, per_class in per_model.items()
+            for c, v in per_class.items()
+            if v is not None
+        }
+        logger.log_metrics(flat, step=0)
+        table = wandb.Table(columns=["extractor", "model", *cols])
+        for ext, per_model in results["fid"].items():
+            for m in results["models"]:
+                table.add_data(ext, m["label"], *(per_model[m["key"]].get(c) for c in cols))
+        images = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in figures}
+        logger.experiment.log({"evaluate/table2": table, **images})
+        logger.finalize("success")
+    if loggers:
+        wandb.finish()  # sweeps: the next job must not log into this run

@@ -1,0 +1,212 @@
+"""PPO for the diffusion policy: objective, advantages, ratio = 1, KL = 0, learning on a toy reward, memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mrrl.diffusion.generate import load_diffusion
+from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
+from mrrl.stages.ppo import PPOModule, save_policy_as_diffusion_checkpoint
+from mrrl.stages.vqgan import VQGANModule
+
+CLASSES = ["HGG", "LGG"]
+PPO_CFG = {
+    "w3d": 0.5, "w2d": 0.5, "kl_coef": 0.01, "clip_range": 0.2, "adv_clip": 5.0, "stat_buffer": 64,
+    "stat_min_count": 4, "num_steps": 4, "sampler": "ddim", "eta": 1.0, "rollout_batch_size": 8,
+    "train_batch_size": 4, "inner_epochs": 1, "timestep_fraction": 1.0, "lr": 3e-4, "weight_decay": 0.0,
+    "min_step_std": 0.0,
+    "grad_clip": 1.0, "trainable": "all", "buffer_dtype": "float32", "seed": 0, "fid_every": 0,
+    "figure_every": 1000, "figure_volumes": 1, "decode_quantize": False,
+}
+
+
+def _randomise_zero_params(module: torch.nn.Module, seed: int = 0) -> None:
+    """MONAI zero-initialises the UNet's output convs: an untrained model would ignore its inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.abs().sum() == 0:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """A tiny VQGAN and a tiny diffusion checkpoint in the stages' formats (no training needed)."""
+    from mrrl.stages.diffusion import DiffusionModule
+
+    root = tmp_path_factory.mktemp("ppo")
+    torch.manual_seed(0)
+    vq = VQGANModule(
+        image_shape=(1, 16, 16, 16),
+        net={"channels": [8, 16], "num_res_blocks": 1, "codebook_size": 16, "codebook_dim": 2},
+        discriminator={"channels": 8, "num_layers": 2},
+        loss={"adv_start_step": 0},
+        optim={"lr_g": 1e-3, "lr_d": 1e-3},
+    )
+    vq_path = root / "vqgan.ckpt"
+    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, vq_path)
+    diff = DiffusionModule(
+        latent_shape=(2, 4, 4, 4),
+        class_names=CLASSES,
+        unet={"channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1,
+              "num_head_channels": 8, "norm_num_groups": 8},
+        schedule={"num_train_timesteps": 1000, "schedule": "linear_beta", "prediction_type": "epsilon",
+                  "steps_offset": 1, "set_alpha_to_one": False},
+        ema={"decay": 0.999},
+        optim={"lr": 1e-3},
+        vqgan_ckpt=str(vq_path),
+    )
+    _randomise_zero_params(diff.denoiser.unet)
+    diff.ema.unet.load_state_dict(diff.denoiser.unet.state_dict())
+    diff.set_scale_factor(1.0)
+    diff_path = root / "diffusion.ckpt"
+    torch.save({"hyper_parameters": dict(diff.hparams), "state_dict": diff.state_dict()}, diff_path)
+    return {"vqgan": str(vq_path), "diffusion": str(diff_path)}
+
+
+def mean_intensity_reward(volumes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A toy reward with a known optimum: brighter decoded volumes are better."""
+    value = volumes.float().mean(dim=(1, 2, 3, 4))
+    return {"total": value, "mean_intensity": value}
+
+
+class UpsamplingDecoder(torch.nn.Module):
+    """A stand-in decoder with a known monotone response: the volume is the upsampled first latent channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # decode_latents reads device/dtype from a parameter
+
+    def decode(self, z: torch.Tensor, quantize: bool = False) -> torch.Tensor:
+        return torch.nn.functional.interpolate(z[:, :1], scale_factor=4, mode="nearest")
+
+
+def make_module(checkpoints, **overrides) -> PPOModule:
+    module = PPOModule(checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, {**PPO_CFG, **overrides})
+    module.reward_fn = mean_intensity_reward
+    return module
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+def test_clipped_surrogate_matches_the_textbook_formula() -> None:
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([0.5, 0.9, 1.1, 1.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    eps = 0.2
+    # ratio 0.5, A=+1: max(-0.5, -0.8) = -0.5 | ratio 0.9, A=-1: max(0.9, 0.9) = 0.9
+    # ratio 1.1, A=+1: max(-1.1, -1.1) = -1.1 | ratio 1.5, A=-1: max(1.5, 1.2) = 1.5
+    expected = torch.tensor([-0.5, 0.9, -1.1, 1.5]).mean()
+    torch.testing.assert_close(clipped_surrogate(new, old, adv, eps), expected)
+    stats = ppo_step_stats(new, old, eps)
+    assert float(stats["clip_fraction"]) == 0.5
+    torch.testing.assert_close(stats["approx_kl"], 0.5 * (new**2).mean())
+
+
+def test_advantages_per_class_and_ddp_equivalent() -> None:
+    torch.manual_seed(0)
+    rewards = torch.cat([torch.randn(8) + 10, torch.randn(8) - 3])
+    labels = torch.tensor([0] * 8 + [1] * 8)
+    reference = PerClassRewardNormalizer(2, min_count=4, clip=5.0)
+    full = reference.normalize(rewards, labels, rewards, labels)
+    for label in (0, 1):  # each class normalised with its own statistics
+        assert abs(float(full[labels == label].mean())) < 1e-5
+        assert abs(float(full[labels == label].std(unbiased=False)) - 1) < 1e-3
+    # Two "ranks", each normalising its half with the gathered batch, agree with the full batch.
+    perm = torch.randperm(16)
+    halves = (perm[:8], perm[8:])
+    for half in halves:
+        rank = PerClassRewardNormalizer(2, min_count=4, clip=5.0)
+        local = rank.normalize(rewards[half], labels[half], rewards[perm], labels[perm])
+        torch.testing.assert_close(local, full[half])
+    clipped = PerClassRewardNormalizer(2, min_count=100, clip=0.5).normalize(rewards, labels, rewards, labels)
+    assert float(clipped.abs().max()) <= 0.5
+
+
+# ------------------------------------------------------------------------------------------ with models
+
+
+def test_unchanged_policy_has_ratio_one_and_zero_kl(checkpoints) -> None:
+    module = make_module(checkpoints)
+    buffer = module.rollout()
+    k = buffer["log_probs"].shape[1]
+    assert torch.isfinite(buffer["log_probs"]).all() and k == 4
+    idx = torch.arange(buffer["log_probs"].shape[0])
+    for j in range(k):
+        _, kl, stats = module._step_terms(buffer, idx, j, torch.ones(len(idx)))
+        assert float(kl.detach()) == 0.0
+        assert float(stats["approx_kl"]) == 0.0 and float(stats["clip_fraction"]) == 0.0
+
+
+def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = make_module(
+        checkpoints, kl_coef=0.01, num_steps=10, min_step_std=0.05, rollout_batch_size=32, train_batch_size=8,
+        lr=5e-4,
+    )
+    # Brighter volumes are better, and brightness is the mean of the first latent channel: the optimum is known.
+    module._frozen["vqgan"] = UpsamplingDecoder()
+    rewards = []
+
+    class Track(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rewards.append(float(trainer.callback_metrics["ppo/reward_mean"]))
+
+    trainer = L.Trainer(max_epochs=24, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Track()],
+                        default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert int(module.iterations) == 24 and int(module.skipped_updates) == 0
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    spread = max(rewards[:4]) - min(rewards[:4]) + 1e-6  # iteration-to-iteration noise before learning
+    print(rewards)
+    assert last > first + 2 * spread, rewards
+    kl = float(trainer.callback_metrics["ppo/kl"])
+    assert 0 < kl < 10.0
+    # The fine-tuned policy reloads like any diffusion checkpoint and differs from the base.
+    out = save_policy_as_diffusion_checkpoint(module, checkpoints["diffusion"], tmp_path / "ppo.ckpt")
+    tuned, base = load_diffusion(out), load_diffusion(checkpoints["diffusion"])
+    diffs = [(a - b).abs().max() for a, b in zip(tuned.denoiser.parameters(), base.denoiser.parameters())]
+    assert max(float(d) for d in diffs) > 0 and tuned.scale_factor == base.scale_factor
+
+
+def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch) -> None:
+    """Memory does not grow with K: each timestep's loss is backpropagated before the next is built."""
+    module = make_module(checkpoints, num_steps=6)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    alive: list[int] = []
+    live = {"graphs": 0}
+    original_backward = module.manual_backward
+    original_terms = module._step_terms
+
+    def counting_terms(*args, **kwargs):
+        live["graphs"] += 1
+        alive.append(live["graphs"])
+        return original_terms(*args, **kwargs)
+
+    def counting_backward(loss, *args, **kwargs):
+        original_backward(loss, *args, **kwargs)
+        live["graphs"] -= 1
+
+    monkeypatch.setattr(module, "_step_terms", counting_terms)
+    monkeypatch.setattr(module, "manual_backward", counting_backward)
+    trainer.fit(module)
+    assert len(alive) == 6 * 2  # 6 steps × 2 minibatches of 4
+    assert max(alive) == 1
+
+
+def test_non_finite_update_is_skipped(checkpoints) -> None:
+    module = make_module(checkpoints)
+    module.reward_fn = lambda v: {"total": torch.full((v.shape[0],), float("nan"))}
+    before = [p.detach().clone() for p in module.policy.parameters()]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module)
+    assert int(module.skipped_updates) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
