@@ -55,6 +55,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     name = cfg.logger.name
     if name == "none":
         return []
+    _keep_previous_metrics(run_dir / "logs")
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
@@ -75,6 +76,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     elif name != "csv":
         raise ConfigError(f"unknown logger {name!r}: use logger=csv, logger=wandb or logger=none")
     return loggers
+
+
+def _keep_previous_metrics(log_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps it as metrics.part<k>.csv."""
+    current = log_dir / "metrics.csv"
+    if current.is_file() and current.stat().st_size > 0:
+        k = len(list(log_dir.glob("metrics.part*.csv")))
+        current.rename(log_dir / f"metrics.part{k}.csv")
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ def make_brats(root: Path, n_hgg: int = 4, n_lgg: int = 4, modalities=("t1", "t1
     for grade, n, lesion in (("HGG", n_hgg, 80.0), ("LGG", n_lgg, 30.0)):
         for i in range(n):
             case = f"BraTS19_TEST_{grade}_{i:03d}"
-            vols = {m: blob_volume(hash((grade, i, m)) % 2**31, lesion=lesion) for m in modalities}
+            vols = {
+                m: blob_volume(zlib.crc32(f"{grade}-{i}-{m}".encode()), lesion=lesion) for m in modalities
+            }
             vols["seg"] = (vols[modalities[0]] > 115).astype(np.uint8)
             write_brats_case(root, grade, case, vols, affine)
     (root / "name_mapping.csv").write_text("BraTS_2019_subject_ID\n")

@@ -15,12 +15,31 @@ from mrrl.stages.vqgan import VQGANModule
 
 CLASSES = ["HGG", "LGG"]
 PPO_CFG = {
-    "w3d": 0.5, "w2d": 0.5, "kl_coef": 0.01, "clip_range": 0.2, "adv_clip": 5.0, "stat_buffer": 64,
-    "stat_min_count": 4, "num_steps": 4, "sampler": "ddim", "eta": 1.0, "rollout_batch_size": 8,
-    "train_batch_size": 4, "inner_epochs": 1, "timestep_fraction": 1.0, "lr": 3e-4, "weight_decay": 0.0,
+    "w3d": 0.5,
+    "w2d": 0.5,
+    "kl_coef": 0.01,
+    "clip_range": 0.2,
+    "adv_clip": 5.0,
+    "stat_buffer": 64,
+    "stat_min_count": 4,
+    "num_steps": 4,
+    "sampler": "ddim",
+    "eta": 1.0,
+    "rollout_batch_size": 8,
+    "train_batch_size": 4,
+    "inner_epochs": 1,
+    "timestep_fraction": 1.0,
+    "lr": 3e-4,
+    "weight_decay": 0.0,
     "min_step_std": 0.0,
-    "grad_clip": 1.0, "trainable": "all", "buffer_dtype": "float32", "seed": 0, "fid_every": 0,
-    "figure_every": 1000, "figure_volumes": 1, "decode_quantize": False,
+    "grad_clip": 1.0,
+    "trainable": "all",
+    "buffer_dtype": "float32",
+    "seed": 0,
+    "fid_every": 0,
+    "figure_every": 1000,
+    "figure_volumes": 1,
+    "decode_quantize": False,
 }
 
 
@@ -52,10 +71,20 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     diff = DiffusionModule(
         latent_shape=(2, 4, 4, 4),
         class_names=CLASSES,
-        unet={"channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1,
-              "num_head_channels": 8, "norm_num_groups": 8},
-        schedule={"num_train_timesteps": 1000, "schedule": "linear_beta", "prediction_type": "epsilon",
-                  "steps_offset": 1, "set_alpha_to_one": False},
+        unet={
+            "channels": [8, 8],
+            "attention_levels": [False, False],
+            "num_res_blocks": 1,
+            "num_head_channels": 8,
+            "norm_num_groups": 8,
+        },
+        schedule={
+            "num_train_timesteps": 1000,
+            "schedule": "linear_beta",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+        },
         ema={"decay": 0.999},
         optim={"lr": 1e-3},
         vqgan_ckpt=str(vq_path),
@@ -79,7 +108,9 @@ class UpsamplingDecoder(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # decode_latents reads device/dtype from a parameter
+        self.anchor = torch.nn.Parameter(
+            torch.zeros(())
+        )  # decode_latents reads device/dtype from a parameter
 
     def decode(self, z: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         return torch.nn.functional.interpolate(z[:, :1], scale_factor=4, mode="nearest")
@@ -146,7 +177,12 @@ def test_unchanged_policy_has_ratio_one_and_zero_kl(checkpoints) -> None:
 def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = make_module(
-        checkpoints, kl_coef=0.01, num_steps=10, min_step_std=0.05, rollout_batch_size=32, train_batch_size=8,
+        checkpoints,
+        kl_coef=0.01,
+        num_steps=10,
+        min_step_std=0.05,
+        rollout_batch_size=32,
+        train_batch_size=8,
         lr=5e-4,
     )
     # Brighter volumes are better, and brightness is the mean of the first latent channel: the optimum is known.
@@ -157,9 +193,17 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) ->
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rewards.append(float(trainer.callback_metrics["ppo/reward_mean"]))
 
-    trainer = L.Trainer(max_epochs=24, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Track()],
-                        default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=24,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Track()],
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module)
     assert int(module.iterations) == 24 and int(module.skipped_updates) == 0
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
@@ -178,8 +222,15 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) ->
 def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch) -> None:
     """Memory does not grow with K: each timestep's loss is backpropagated before the next is built."""
     module = make_module(checkpoints, num_steps=6)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     alive: list[int] = []
     live = {"graphs": 0}
     original_backward = module.manual_backward
@@ -205,8 +256,15 @@ def test_non_finite_update_is_skipped(checkpoints) -> None:
     module = make_module(checkpoints)
     module.reward_fn = lambda v: {"total": torch.full((v.shape[0],), float("nan"))}
     before = [p.detach().clone() for p in module.policy.parameters()]
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module)
     assert int(module.skipped_updates) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))

@@ -16,7 +16,9 @@ def clipped_surrogate(
 
 
 @torch.no_grad()
-def ppo_step_stats(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float) -> dict[str, torch.Tensor]:
+def ppo_step_stats(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float
+) -> dict[str, torch.Tensor]:
     """Approximate KL of the update (``0.5·E[(Δ log p)²]``) and the fraction of clipped ratios."""
     delta = log_prob - old_log_prob
     return {

@@ -9,10 +9,15 @@ from typing import Any
 
 from mrrl.errors import ConfigError
 
-STAGES: dict[str, str] = {
+STAGES: dict[str, str] = {  # in pipeline order
     "check_data": "mrrl.stages.check_data",
     "vqgan": "mrrl.stages.vqgan",
+    "diffusion": "mrrl.stages.diffusion",
+    "reward_data": "mrrl.stages.reward_data",
+    "reward": "mrrl.stages.reward",
+    "ppo": "mrrl.stages.ppo",
     "evaluate": "mrrl.stages.evaluate",
+    "classify": "mrrl.stages.classify",
 }
 
 

@@ -7,6 +7,7 @@ a stage whose manifest says it finished is not retrained unless ``stage.force=tr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,18 @@ def build_trainer(
     kwargs["strategy"] = _strategy(kwargs, find_unused_parameters)
     every_n = cfg.stage.get("checkpoint_every_n_steps")
     ckpt_dir = checkpoint_dir(run_dir)
+    # The resume point "last.ckpt", overwritten every N steps or else every epoch (save_top_k=0 with
+    # save_last=True would write it only when some other checkpoint is written).
     last_cb = ModelCheckpoint(
         dirpath=ckpt_dir,
-        save_top_k=0,
-        save_last=True,
+        filename=LAST_CKPT.removesuffix(".ckpt"),
+        monitor=None,
+        save_top_k=1,
         every_n_train_steps=every_n or None,
-        save_on_train_epoch_end=True,
+        every_n_epochs=None if every_n else 1,
+        enable_version_counter=False,
     )
-    all_callbacks: list[Callback] = [last_cb, *callbacks]
+    all_callbacks: list[Callback] = [*callbacks]
     best_cb = None
     if monitor:
         best_cb = ModelCheckpoint(
@@ -84,6 +89,8 @@ def build_trainer(
             enable_version_counter=False,
         )
         all_callbacks.append(best_cb)
+    # After best_cb, so a last.ckpt written at the same moment already holds the updated best.
+    all_callbacks.append(last_cb)
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -99,23 +106,63 @@ def build_trainer(
 
 
 def fit(
-    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule | None,
+    run_dir: Path,
+    fresh: bool = False,
 ) -> None:
-    """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run of this stage was interrupted."""
+    """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run was interrupted (unless ``fresh``)."""
     resume = last_checkpoint(run_dir)
+    if resume is not None and fresh:
+        resume.rename(resume.with_name(f"last-before-force-{int(time.time())}.ckpt"))
+        resume = None
     if resume is not None:
         log.info("resuming from %s", resume)
         print(f"resuming from {resume}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    release_process_group()
+
+
+def release_process_group() -> None:
+    """After a DDP fit, leave the process group on every rank.
+
+    What follows (rank 0 re-validating, encoding latents, writing manifests) runs in one process; with the
+    group still up, torchmetrics and Lightning would try to synchronise with ranks that have finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def checkpoint_outputs(run_dir: Path, best_cb: ModelCheckpoint | None) -> dict[str, Any]:
+    """Paths of last/best checkpoints and the best score.
+
+    Under ``ddp_spawn`` the main process's callbacks never saw a score (Lightning only sends the first
+    checkpoint callback's path back), so path and score are read from the state stored in the checkpoints.
+    """
     last = last_checkpoint(run_dir)
     out: dict[str, Any] = {"last_ckpt": str(last.resolve()) if last else None}
-    if best_cb is not None:
-        best = best_cb.best_model_path or (str(last) if last else "")
-        out["best_ckpt"] = str(Path(best).resolve()) if best else None
-        score = best_cb.best_model_score
-        out["best_score"] = float(score) if score is not None else None
-        out["monitor"] = best_cb.monitor
+    if best_cb is None:
+        return out
+    best, score = best_cb.best_model_path, best_cb.best_model_score
+    candidates = [checkpoint_dir(run_dir) / "best.ckpt", last]
+    for path in candidates if not best or score is None else []:
+        if path is None or not path.is_file():
+            continue
+        import torch
+
+        states = torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {})
+        found = [
+            s for s in states.values() if s.get("monitor") == best_cb.monitor and s.get("best_model_path")
+        ]
+        if found:
+            best, score = found[0]["best_model_path"], found[0].get("best_model_score")
+            break
+    best = best or (str(last) if last else "")
+    out["best_ckpt"] = str(Path(best).resolve()) if best else None
+    out["best_score"] = float(score) if score is not None else None
+    out["monitor"] = best_cb.monitor
     return out

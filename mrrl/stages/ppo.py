@@ -112,7 +112,9 @@ class PPOModule(L.LightningModule):
         self.latent_shape = tuple(loaded.latent_shape)
         self.class_names = list(class_names)
         if list(loaded.class_names) != self.class_names:
-            raise ConfigError(f"diffusion classes {loaded.class_names} differ from the data's {self.class_names}")
+            raise ConfigError(
+                f"diffusion classes {loaded.class_names} differ from the data's {self.class_names}"
+            )
         self._select_trainable(self.cfg.get("trainable", "all"))
         # Frozen helpers live outside the module tree: never trained, never in the DDP bucket or checkpoints.
         # The reference keeps requires_grad=True like the policy (it is only ever called under no_grad and is
@@ -126,9 +128,13 @@ class PPOModule(L.LightningModule):
             from mrrl.reward.models import load_reward_model
 
             models = {k: load_reward_model(v) if v else None for k, v in reward_ckpts.items()}
-            self.reward_fn = MultiScaleReward(models.get("r3d"), models.get("r2d"), self.cfg["w3d"], self.cfg["w2d"])
+            self.reward_fn = MultiScaleReward(
+                models.get("r3d"), models.get("r2d"), self.cfg["w3d"], self.cfg["w2d"]
+            )
         self.normalizer = PerClassRewardNormalizer(
-            len(self.class_names), int(self.cfg["stat_buffer"]), int(self.cfg["stat_min_count"]),
+            len(self.class_names),
+            int(self.cfg["stat_buffer"]),
+            int(self.cfg["stat_min_count"]),
             float(self.cfg["adv_clip"]),
         )
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
@@ -171,8 +177,11 @@ class PPOModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(
-            params, lr=float(self.cfg["lr"]), betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
-            weight_decay=float(self.cfg.get("weight_decay", 1e-4)), eps=1e-8,
+            params,
+            lr=float(self.cfg["lr"]),
+            betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(self.cfg.get("weight_decay", 1e-4)),
+            eps=1e-8,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -200,7 +209,9 @@ class PPOModule(L.LightningModule):
 
     def _no_sync(self):
         model = self.trainer.model if self._trainer is not None else None
-        return model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+        return (
+            model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+        )
 
     def _average_gradients(self) -> None:
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -215,8 +226,13 @@ class PPOModule(L.LightningModule):
         n = int(self.cfg["rollout_batch_size"])
         labels = self._balanced_labels(n).to(self.device)
         latents, trajectory = sample(
-            self.policy, labels, int(self.cfg["num_steps"]), sampler=self.cfg["sampler"],
-            eta=float(self.cfg["eta"]), generator=self._rank_generator(), shape=self.latent_shape,
+            self.policy,
+            labels,
+            int(self.cfg["num_steps"]),
+            sampler=self.cfg["sampler"],
+            eta=float(self.cfg["eta"]),
+            generator=self._rank_generator(),
+            shape=self.latent_shape,
             return_trajectory=True,
         )
         if not bool(trajectory.stochastic.all()):
@@ -225,7 +241,9 @@ class PPOModule(L.LightningModule):
                 "diffusion schedule trained with steps_offset=1, set_alpha_to_one=false"
             )
         quantize = bool(self.cfg.get("decode_quantize", True))
-        volumes = decode_latents(self.vqgan, latents, self.scale_factor, quantize=quantize).float().clamp(-1, 1)
+        volumes = (
+            decode_latents(self.vqgan, latents, self.scale_factor, quantize=quantize).float().clamp(-1, 1)
+        )
         assert self.reward_fn is not None, "PPOModule needs a reward function"
         rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
         store = torch.bfloat16 if self.cfg.get("buffer_dtype") == "bfloat16" else torch.float32
@@ -235,7 +253,9 @@ class PPOModule(L.LightningModule):
             "timesteps": trajectory.timesteps.cpu(),
             "prev_timesteps": trajectory.prev_timesteps.cpu(),
             "log_probs": trajectory.log_probs.float().cpu(),  # [B, K]
-            "stds": trajectory.stds.flatten()[: trajectory.num_steps].float().cpu(),  # [K], shared by the batch
+            "stds": trajectory.stds.flatten()[: trajectory.num_steps]
+            .float()
+            .cpu(),  # [K], shared by the batch
             "rewards": rewards,
             "volumes": volumes[: int(self.cfg.get("figure_volumes", 2))].cpu(),
         }
@@ -277,7 +297,9 @@ class PPOModule(L.LightningModule):
                 optimizer.zero_grad(set_to_none=True)
                 with self._no_sync():
                     for j in steps:
-                        policy_loss, kl, stats = self._step_terms(buffer, idx, j, advantages[idx].to(self.device))
+                        policy_loss, kl, stats = self._step_terms(
+                            buffer, idx, j, advantages[idx].to(self.device)
+                        )
                         loss = (policy_loss + beta * kl) / len(steps)
                         # One timestep's graph at a time: memory does not grow with K.
                         self.manual_backward(loss)
@@ -291,7 +313,9 @@ class PPOModule(L.LightningModule):
                 if self._finite_gradients():
                     clip = self.cfg.get("grad_clip")
                     if clip:
-                        self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+                        self.clip_gradients(
+                            optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm"
+                        )
                     optimizer.step()
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -313,7 +337,9 @@ class PPOModule(L.LightningModule):
         rewards = buffer["rewards"]["total"]
         labels = buffer["labels"].to(rewards.device)
         all_rewards, all_labels = self._gather(rewards), self._gather(labels)
-        advantages = self.normalizer.normalize(rewards.cpu(), labels.cpu(), all_rewards.cpu(), all_labels.cpu())
+        advantages = self.normalizer.normalize(
+            rewards.cpu(), labels.cpu(), all_rewards.cpu(), all_labels.cpu()
+        )
         stats = self.update(buffer, advantages)
         self.iterations += 1
         logs = {f"ppo/{k}": v for k, v in stats.items()}
@@ -330,10 +356,16 @@ class PPOModule(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
         every = int(self.cfg.get("fid_every", 0) or 0)
         if self.fid_probe is not None and every and int(self.iterations) % every == 0:
-            self.log_dict(self.fid_probe(self), on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+            self.log_dict(
+                self.fid_probe(self), on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1
+            )
         if self.trainer.is_global_zero and int(self.iterations) % int(self.cfg.get("figure_every", 10)) == 0:
-            figure = slices_figure({"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}")
-            log_figure(figure, "ppo/samples", int(self.iterations), self.trainer.default_root_dir, self.loggers)
+            figure = slices_figure(
+                {"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}"
+            )
+            log_figure(
+                figure, "ppo/samples", int(self.iterations), self.trainer.default_root_dir, self.loggers
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reward_normalizer"] = self.normalizer.state_dict()
@@ -353,7 +385,9 @@ def gaussian_kl_mean(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tens
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def save_policy_as_diffusion_checkpoint(module: PPOModule, base_ckpt: str | Path, out_path: str | Path) -> Path:
+def save_policy_as_diffusion_checkpoint(
+    module: PPOModule, base_ckpt: str | Path, out_path: str | Path
+) -> Path:
     """The fine-tuned UNet in the diffusion stage's checkpoint format (``load_diffusion`` reads it)."""
     base = torch.load(base_ckpt, map_location="cpu", weights_only=False)
     weights = {k: v.detach().cpu() for k, v in module.policy.unet.state_dict().items()}
@@ -363,8 +397,12 @@ def save_policy_as_diffusion_checkpoint(module: PPOModule, base_ckpt: str | Path
     state[SCALE_KEY] = base["state_dict"][SCALE_KEY]
     payload = {
         "state_dict": state,
-        "hyper_parameters": {**dict(base["hyper_parameters"]), "fine_tuned_by": "ppo",
-                             "ppo_iterations": int(module.iterations), "base_ckpt": str(base_ckpt)},
+        "hyper_parameters": {
+            **dict(base["hyper_parameters"]),
+            "fine_tuned_by": "ppo",
+            "ppo_iterations": int(module.iterations),
+            "base_ckpt": str(base_ckpt),
+        },
         "global_step": base.get("global_step"),
     }
     with atomic_path(out_path) as tmp:
@@ -376,8 +414,11 @@ def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | None]:
     stage = cfg.stage
     ckpts = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
     if not all(ckpts.values()):
-        outputs = read_manifest(cfg.paths.experiment_dir, "reward", "run `mrrl stage=reward` first or pass "
-                                "stage.r3d_ckpt=<path> stage.r2d_ckpt=<path>")["outputs"]
+        outputs = read_manifest(
+            cfg.paths.experiment_dir,
+            "reward",
+            "run `mrrl stage=reward` first or pass stage.r3d_ckpt=<path> stage.r2d_ckpt=<path>",
+        )["outputs"]
         for key in ckpts:
             if not ckpts[key]:
                 entry = outputs.get(key) or {}
@@ -411,9 +452,17 @@ def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Cal
     for name in datamodule.class_names:
         dataset = datamodule.dataset("train", label=name)
         real = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        key = {"dataset": datamodule.name, "preprocessing": datamodule.cache.dir.name, "split": "train",
-               "class": name, "ids": sorted(s.id for s in dataset.subjects), "extractor": extractor.identity}
-        real_stats[name] = cache.get_or_compute(key, lambda real=real: compute_statistics(extractor, real, 8, "cpu"))
+        key = {
+            "dataset": datamodule.name,
+            "preprocessing": datamodule.cache.dir.name,
+            "split": "train",
+            "class": name,
+            "ids": sorted(s.id for s in dataset.subjects),
+            "extractor": extractor.identity,
+        }
+        real_stats[name] = cache.get_or_compute(
+            key, lambda real=real: compute_statistics(extractor, real, 8, "cpu")
+        )
 
     def probe(module: PPOModule) -> dict[str, float]:
         if not module.trainer.is_global_zero:
@@ -424,9 +473,16 @@ def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Cal
         for label, name in enumerate(module.class_names):
             labels = torch.full((int(stage.fid_probe_n),), label)
             volumes = generate_volumes(
-                module.policy, module.vqgan, module.scale_factor, labels, module.latent_shape,
-                num_steps=int(stage.num_steps), sampler="ddim", eta=0.0,
-                batch_size=int(stage.rollout_batch_size), generator=generator,
+                module.policy,
+                module.vqgan,
+                module.scale_factor,
+                labels,
+                module.latent_shape,
+                num_steps=int(stage.num_steps),
+                sampler="ddim",
+                eta=0.0,
+                batch_size=int(stage.rollout_batch_size),
+                generator=generator,
             )
             fake = compute_statistics(extractor, volumes, 8, module.device)
             out[f"fid/{name}"] = float(fake.frechet_distance(real_stats[name]))
@@ -449,11 +505,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     vqgan_ckpt = stage.get("vqgan_ckpt") or loaded_hparams.get("vqgan_ckpt")
     if not vqgan_ckpt:
         vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]
-    module = PPOModule(diffusion_ckpt, str(vqgan_ckpt), datamodule.class_names, stage, _reward_checkpoints(cfg))
+    module = PPOModule(
+        diffusion_ckpt, str(vqgan_ckpt), datamodule.class_names, stage, _reward_checkpoints(cfg)
+    )
     if int(stage.get("fid_every", 0) or 0) > 0:
         module.fid_probe = make_fid_probe(cfg, datamodule)
     trainer, _ = build_trainer(cfg, run_dir)
-    fit(trainer, module, None, run_dir)
+    fit(trainer, module, None, run_dir, fresh=bool(cfg.stage.get("force", False)))
     if not trainer.is_global_zero:
         return None
     final = save_policy_as_diffusion_checkpoint(module, diffusion_ckpt, run_dir / FINAL_CKPT)

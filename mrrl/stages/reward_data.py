@@ -62,13 +62,17 @@ def plan_groups(stage: Mapping[str, Any], class_names: Sequence[str]) -> list[Gr
     num_steps = int(stage["reconstruction_num_steps"])
     bad = [t for t in stage["reconstruction_steps"] if not 0 < int(t) <= num_steps]
     if bad:
-        raise ConfigError(f"stage.reconstruction_steps {bad} must be in 1..reconstruction_num_steps={num_steps}")
+        raise ConfigError(
+            f"stage.reconstruction_steps {bad} must be in 1..reconstruction_num_steps={num_steps}"
+        )
     if any(int(s) < 1 for s in stage["synthetic_steps"]):
         raise ConfigError("stage.synthetic_steps must be positive")
     groups = []
     for label, name in enumerate(class_names):
         groups += [Group("synthetic", int(s), name, label) for s in sorted(stage["synthetic_steps"])]
-        groups += [Group("reconstruction", int(t), name, label) for t in sorted(stage["reconstruction_steps"])]
+        groups += [
+            Group("reconstruction", int(t), name, label) for t in sorted(stage["reconstruction_steps"])
+        ]
     if len(groups) < 2 * len(class_names):
         raise ConfigError("the reward dataset needs at least two groups per class: give more steps")
     return groups
@@ -79,8 +83,11 @@ def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str]:
     stage = cfg.stage
     diffusion_ckpt = stage.get("diffusion_ckpt")
     if not diffusion_ckpt:
-        outputs = read_manifest(cfg.paths.experiment_dir, "diffusion", "run `mrrl stage=diffusion` first or pass "
-                                "stage.diffusion_ckpt=<path>")["outputs"]
+        outputs = read_manifest(
+            cfg.paths.experiment_dir,
+            "diffusion",
+            "run `mrrl stage=diffusion` first or pass stage.diffusion_ckpt=<path>",
+        )["outputs"]
         diffusion_ckpt = outputs.get("ema_ckpt") or outputs.get("best_ckpt") or outputs.get("last_ckpt")
     vqgan_ckpt = stage.get("vqgan_ckpt")
     if not vqgan_ckpt:
@@ -97,7 +104,9 @@ def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str]:
 def _real_volumes(datamodule, split: str, class_name: str) -> tuple[torch.Tensor, list[str]]:
     dataset = datamodule.dataset(split, label=class_name)
     if len(dataset) == 0:
-        raise ConfigError(f"no {split} volumes of class {class_name}: the reward data need real volumes per class")
+        raise ConfigError(
+            f"no {split} volumes of class {class_name}: the reward data need real volumes per class"
+        )
     items = [dataset[i] for i in range(len(dataset))]
     return torch.stack([item["image"] for item in items]), [item["id"] for item in items]
 
@@ -122,9 +131,16 @@ class GroupGenerator:
     def synthetic(self, group: Group, n: int) -> tuple[torch.Tensor, list[str]]:
         labels = torch.full((n,), group.label, dtype=torch.long)
         volumes = generate_volumes(
-            self.loaded.denoiser, self.vqgan, self.loaded.scale_factor, labels, self.loaded.latent_shape,
-            num_steps=group.steps, sampler=self.stage["sampler"], eta=float(self.stage["eta"]),
-            batch_size=self.batch_size, generator=self._generator(group),
+            self.loaded.denoiser,
+            self.vqgan,
+            self.loaded.scale_factor,
+            labels,
+            self.loaded.latent_shape,
+            num_steps=group.steps,
+            sampler=self.stage["sampler"],
+            eta=float(self.stage["eta"]),
+            batch_size=self.batch_size,
+            generator=self._generator(group),
             guidance_scale=float(self.stage["guidance_scale"]),
         )
         return volumes, [""] * n
@@ -142,18 +158,27 @@ class GroupGenerator:
             z = self.vqgan.encode(x) * self.loaded.scale_factor
             labels = torch.full((len(chunk),), group.label, dtype=torch.long, device=self.device)
             out = noised_reconstruction(
-                self.loaded.denoiser, z.to(self.loaded.denoiser.latent_dtype), labels, group.steps,
-                int(self.stage["reconstruction_num_steps"]), sampler=self.stage["sampler"],
-                eta=float(self.stage["eta"]), generator=generator,
+                self.loaded.denoiser,
+                z.to(self.loaded.denoiser.latent_dtype),
+                labels,
+                group.steps,
+                int(self.stage["reconstruction_num_steps"]),
+                sampler=self.stage["sampler"],
+                eta=float(self.stage["eta"]),
+                generator=generator,
                 guidance_scale=float(self.stage["guidance_scale"]),
             )
-            volumes.append(decode_latents(self.vqgan, out, self.loaded.scale_factor).float().clamp(-1, 1).cpu())
+            volumes.append(
+                decode_latents(self.vqgan, out, self.loaded.scale_factor).float().clamp(-1, 1).cpu()
+            )
         return torch.cat(volumes), [real_ids[i] for i in picks]
 
     @torch.no_grad()
     def vqgan_limit(self, real: torch.Tensor) -> torch.Tensor:
-        out = [self.vqgan.reconstruct(real[i : i + self.batch_size].to(self.device)).float().clamp(-1, 1).cpu()
-               for i in range(0, len(real), self.batch_size)]
+        out = [
+            self.vqgan.reconstruct(real[i : i + self.batch_size].to(self.device)).float().clamp(-1, 1).cpu()
+            for i in range(0, len(real), self.batch_size)
+        ]
         return torch.cat(out)
 
 
@@ -161,7 +186,9 @@ def _load_fids(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _fid_plot(groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], path: Path, extractor: str) -> Path:
+def _fid_plot(
+    groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], path: Path, extractor: str
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +198,9 @@ def _fid_plot(groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], 
     fig, axes = plt.subplots(1, len(classes), figsize=(4.5 * len(classes), 3.4), squeeze=False)
     for ax, name in zip(axes[0], classes):
         for trajectory, marker in (("synthetic", "o-"), ("reconstruction", "s-")):
-            pts = sorted((g["steps"], g["fid"]) for g in groups if g["class"] == name and g["trajectory"] == trajectory)
+            pts = sorted(
+                (g["steps"], g["fid"]) for g in groups if g["class"] == name and g["trajectory"] == trajectory
+            )
             if pts:
                 ax.plot(*zip(*pts), marker, label=trajectory)
         if name in limits:
@@ -187,11 +216,17 @@ def _fid_plot(groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], 
 
 
 def _summary_table(groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], extractor: str) -> str:
-    lines = [f"# Reward data: FID per group ({extractor})", "",
-             "| group | trajectory | steps | class | volumes | FID | reward |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Reward data: FID per group ({extractor})",
+        "",
+        "| group | trajectory | steps | class | volumes | FID | reward |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for g in groups:
-        lines.append(f"| {g['group']} | {g['trajectory']} | {g['steps']} | {g['class']} | {g['count']} | "
-                     f"{g['fid']:.4g} | {g['reward']:.3f} |")
+        lines.append(
+            f"| {g['group']} | {g['trajectory']} | {g['steps']} | {g['class']} | {g['count']} | "
+            f"{g['fid']:.4g} | {g['reward']:.3f} |"
+        )
     lines += ["", "VQGAN reconstruction limit: " + ", ".join(f"{c} {v:.4g}" for c, v in limits.items()), ""]
     return "\n".join(lines)
 
@@ -220,19 +255,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     loaded = load_diffusion(diffusion_ckpt, use_ema=True, device=device)
     if list(loaded.class_names) != datamodule.class_names:
-        raise ConfigError(f"the diffusion model knows classes {loaded.class_names}, the data {datamodule.class_names}")
+        raise ConfigError(
+            f"the diffusion model knows classes {loaded.class_names}, the data {datamodule.class_names}"
+        )
     vqgan = load_vqgan(vqgan_ckpt, device)
     maker = GroupGenerator(loaded, vqgan, stage, device)
 
     metrics = stage["metrics"]
-    extractor = build_extractor(metrics["extractor"], in_channels=datamodule.image_shape[0],
-                                **dict((metrics.get("extractor_options") or {}).get(metrics["extractor"], {}) or {}))
+    extractor = build_extractor(
+        metrics["extractor"],
+        in_channels=datamodule.image_shape[0],
+        **dict((metrics.get("extractor_options") or {}).get(metrics["extractor"], {}) or {}),
+    )
     extractor = extractor.to(device)
     batch = int(metrics["batch_size"])
     cache = RealStatsCache(Path(cfg.paths.cache_dir) / "fid_stats")
     n = int(stage["n_per_group"])
-    writer = RewardDatasetWriter(run_dir / DATASET_DIR, datamodule.image_shape, capacity=n * len(groups),
-                                 dtype=stage["dtype"])
+    writer = RewardDatasetWriter(
+        run_dir / DATASET_DIR, datamodule.image_shape, capacity=n * len(groups), dtype=stage["dtype"]
+    )
     fid_path = run_dir / FID_FILE
     fids = _load_fids(fid_path)
     real_split = stage["real_split"]
@@ -241,8 +282,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     def real_for(name: str):
         if name not in real_cache:
             real, ids = _real_volumes(datamodule, real_split, name)
-            key = {"dataset": datamodule.name, "preprocessing": datamodule.cache.dir.name, "split": real_split,
-                   "class": name, "ids": sorted(ids), "extractor": extractor.identity}
+            key = {
+                "dataset": datamodule.name,
+                "preprocessing": datamodule.cache.dir.name,
+                "split": real_split,
+                "class": name,
+                "ids": sorted(ids),
+                "extractor": extractor.identity,
+            }
             stats = cache.get_or_compute(key, lambda: compute_statistics(extractor, real, batch, device))
             real_cache[name] = (real, ids, stats)
         return real_cache[name]
@@ -255,7 +302,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         real, ids, real_stats = real_for(group.class_name)
         if stage.get("include_limit", True) and group.class_name not in limits:
             recon = maker.vqgan_limit(real)
-            limits[group.class_name] = compute_statistics(extractor, recon, batch, device).frechet_distance(real_stats)
+            limits[group.class_name] = compute_statistics(extractor, recon, batch, device).frechet_distance(
+                real_stats
+            )
             fids["_vqgan_limit"] = limits
             atomic_write_json(fid_path, fids)
         if writer.is_complete(group.name) and group.name in fids:
@@ -266,8 +315,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         else:
             volumes, sources = maker.reconstruction(group, real, ids, n)
         fid = compute_statistics(extractor, volumes, batch, device).frechet_distance(real_stats)
-        rows = [{"id": f"{group.name}-{i:04d}", "class": group.class_name, "label": group.label,
-                 "trajectory": group.trajectory, "steps": group.steps, "source_id": sources[i]} for i in range(n)]
+        rows = [
+            {
+                "id": f"{group.name}-{i:04d}",
+                "class": group.class_name,
+                "label": group.label,
+                "trajectory": group.trajectory,
+                "steps": group.steps,
+                "source_id": sources[i],
+            }
+            for i in range(n)
+        ]
         if not writer.is_complete(group.name):
             writer.add_group(group.name, volumes.numpy(), rows)
         fids[group.name] = {"fid": float(fid), "seconds": round(time.monotonic() - t0, 3)}
@@ -275,21 +333,37 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         log.info("%s: FID %.4g (%.1f s)", group.name, fid, time.monotonic() - t0)
 
     group_fids = {g.name: float(fids[g.name]["fid"]) for g in groups}
-    rewards = compute_rewards(group_fids, groups, stage["reward_map"], stage.get("reward_tau"), stage["reward_scope"])
+    rewards = compute_rewards(
+        group_fids, groups, stage["reward_map"], stage.get("reward_tau"), stage["reward_scope"]
+    )
     table = {g.name: {"fid": group_fids[g.name], "reward": rewards[g.name]} for g in groups}
     meta = {
         "class_names": datamodule.class_names,
         "extractor": extractor.identity,
-        "reward_map": {"method": stage["reward_map"], "tau": stage.get("reward_tau"), "scope": stage["reward_scope"]},
+        "reward_map": {
+            "method": stage["reward_map"],
+            "tau": stage.get("reward_tau"),
+            "scope": stage["reward_scope"],
+        },
         "vqgan_limit_fid": limits,
         "diffusion_ckpt": diffusion_ckpt,
         "vqgan_ckpt": vqgan_ckpt,
         "real_split": real_split,
     }
     writer.finalize(table, meta)
-    summary = [{"group": g.name, "trajectory": g.trajectory, "steps": g.steps, "class": g.class_name,
-                "count": n, "fid": group_fids[g.name], "reward": rewards[g.name],
-                "seconds": fids[g.name].get("seconds")} for g in groups]
+    summary = [
+        {
+            "group": g.name,
+            "trajectory": g.trajectory,
+            "steps": g.steps,
+            "class": g.class_name,
+            "count": n,
+            "fid": group_fids[g.name],
+            "reward": rewards[g.name],
+            "seconds": fids[g.name].get("seconds"),
+        }
+        for g in groups
+    ]
     atomic_write_text(run_dir / "summary.md", _summary_table(summary, limits, extractor.name))
     plot = _fid_plot(summary, limits, run_dir / "fid_vs_steps.png", extractor.name)
     outputs = {

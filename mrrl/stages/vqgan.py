@@ -252,7 +252,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     check_config(cfg, datamodule.image_shape)
     module = build_module(cfg, datamodule.image_shape)
     trainer, best_cb = build_trainer(cfg, run_dir, monitor="val/l1", mode="min", find_unused_parameters=True)
-    fit(trainer, module, datamodule, run_dir)
+    fit(trainer, module, datamodule, run_dir, fresh=bool(cfg.stage.get("force", False)))
     if not trainer.is_global_zero:
         return None
     outputs = checkpoint_outputs(run_dir, best_cb)

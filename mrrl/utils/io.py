@@ -13,6 +13,15 @@ from typing import Any
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it is renamed onto ``path`` only if the block succeeds."""
@@ -23,6 +32,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(
+                tmp_path, 0o666 & ~_UMASK
+            )  # mkstemp makes 0600 files; others on a cluster must read them
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -56,3 +69,17 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def read_metrics_csv(log_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a stage's CSV log, earlier segments (kept when a run resumed) first."""
+    import csv
+
+    log_dir = Path(log_dir)
+    parts = sorted(log_dir.glob("metrics.part*.csv"), key=lambda p: int(p.stem.split("part")[-1]))
+    rows: list[dict[str, str]] = []
+    for path in [*parts, log_dir / "metrics.csv"]:
+        if path.is_file():
+            with path.open(newline="") as handle:
+                rows += list(csv.DictReader(handle))
+    return rows

@@ -1,0 +1,281 @@
+"""Diffusion-stage throughput: cached latents vs on-the-fly VQGAN encoding, DDIM vs DDPM sampling.
+
+(a) training optimiser steps per second of mrrl's ``DiffusionModule`` (loss, backward, clipping, AdamW,
+    EMA update) on a batch of latents taken from the in-memory latent cache (what ``LatentDataModule``
+    does), and on a batch of preprocessed volumes read from ``.npy`` files (what the volume cache of
+    ``MRIDataModule`` holds; warm page cache, no DataLoader workers) and encoded by the frozen VQGAN inside
+    every step. Both batches start on the CPU and are copied to the device.
+(b) seconds per generated volume (sampling + VQGAN decoding) of DDIM with 50 steps and DDPM with 1000
+    steps at the sampling batch size. DDPM over all 1000 training timesteps needs ``steps_offset=0``
+    (the stage default, 1, allows at most 999 steps), so that run uses the same weights with that schedule.
+
+Not a test. Examples::
+
+    python benchmarks/diffusion_throughput.py --preset tiny --device cpu
+    python benchmarks/diffusion_throughput.py --preset paper --device cuda --batch 16 --sample-batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrrl.diffusion import DenoiserModel
+from mrrl.diffusion.generate import generate_volumes
+from mrrl.nets import VQGAN
+from mrrl.stages.diffusion import DiffusionModule
+
+PRESETS = {
+    # The paper-scale networks: 64³ volumes, ×4 VQGAN (8 × 16³ latents), the 41 M-parameter DESIGN UNet.
+    "paper": {
+        "image_size": 64,
+        "vq_channels": [64, 128],
+        "unet_channels": [64, 128, 256],
+        "attention": [False, False, True],
+        "head_channels": 64,
+        "norm_groups": 32,
+    },
+    # Something two busy CPU cores finish in a minute: both networks at 1/4 of the paper's widths.
+    "tiny": {
+        "image_size": 32,
+        "vq_channels": [16, 32],
+        "unet_channels": [16, 32, 64],
+        "attention": [False, False, True],
+        "head_channels": 16,
+        "norm_groups": 8,
+    },
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--image-size", type=int, help="volume side (overrides the preset)")
+    parser.add_argument("--vq-channels", type=int, nargs="+", help="VQGAN channels per level (overrides)")
+    parser.add_argument(
+        "--unet-channels",
+        type=int,
+        nargs="+",
+        help="UNet channels per level (overrides; attention at the last level)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    parser.add_argument("--batch", type=int, default=4, help="training batch")
+    parser.add_argument("--train-steps", type=int, default=10, help="timed optimiser steps per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--sample-batch", type=int, default=4, help="sampling batch (= volumes generated)")
+    parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--ddpm-steps", type=int, default=1000)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: leave as is; on a shared CPU 1 avoids OpenMP stalls)",
+    )
+    return parser.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 0) -> float:
+    """Mean seconds per call after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / max(iters, 1)
+
+
+def build(
+    preset: dict, image_size: int, device: torch.device
+) -> tuple[VQGAN, DiffusionModule, tuple[int, ...]]:
+    vqgan = (
+        VQGAN(
+            channels=preset["vq_channels"],
+            num_res_blocks=2,
+            downsample_factor=4,
+            codebook_size=512,
+            codebook_dim=8,
+        )
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
+    latent_shape = (8, *(image_size // 4,) * 3)
+    module = DiffusionModule(
+        latent_shape=latent_shape,
+        class_names=["class0", "class1"],
+        unet={
+            "channels": preset["unet_channels"],
+            "attention_levels": preset["attention"],
+            "num_res_blocks": 2,
+            "num_head_channels": preset["head_channels"],
+            "norm_num_groups": preset["norm_groups"],
+        },
+        schedule={
+            "num_train_timesteps": 1000,
+            "schedule": "linear_beta",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+        },
+        ema={"decay": 0.9999},
+        optim={"lr": 1e-4},
+    ).to(device)
+    module.set_scale_factor(1.0)
+    return vqgan, module, latent_shape
+
+
+def write_volumes(folder: Path, count: int, size: int) -> list[Path]:
+    """``count`` float32 ``[1, size, size, size]`` volumes as ``.npy``, like the preprocessing cache."""
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"volume_{i:04d}.npy")
+        np.save(paths[-1], np.random.default_rng(i).uniform(-1, 1, (1, size, size, size)).astype(np.float32))
+    return paths
+
+
+def training_cases(
+    args, vqgan: VQGAN, module: DiffusionModule, volume_files: list[Path], device: torch.device
+) -> dict[str, float]:
+    """Seconds per optimiser step, from the latent cache and through the VQGAN encoder."""
+    pool = len(volume_files)
+    with torch.no_grad():
+        latents = torch.cat(
+            [vqgan.encode(torch.from_numpy(np.load(f))[None].to(device)).cpu() for f in volume_files]
+        )
+    labels = torch.randint(0, 2, (pool,))
+    optimizer = module.configure_optimizers()["optimizer"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    step = [0]
+
+    def train_on(z: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast:
+            loss = module.diffusion_loss(z, y, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
+        optimizer.step()
+        step[0] += 1
+        module.update_ema(step[0])
+
+    def batch_index() -> list[int]:
+        return torch.randint(0, pool, (args.batch,)).tolist()
+
+    def cached() -> None:
+        idx = batch_index()
+        train_on(latents[idx].to(device, non_blocking=True), labels[idx].to(device))
+
+    def on_the_fly() -> None:
+        idx = batch_index()
+        volumes = torch.stack([torch.from_numpy(np.load(volume_files[i])) for i in idx])
+        with torch.no_grad(), autocast:
+            z = vqgan.encode(volumes.to(device, non_blocking=True))
+        train_on(z.float(), labels[idx].to(device))
+
+    module.train()
+    return {
+        "cached latents": timed(cached, device, args.train_steps, args.warmup),
+        "VQGAN encode on the fly": timed(on_the_fly, device, args.train_steps, args.warmup),
+    }
+
+
+def sampling_cases(args, vqgan: VQGAN, module: DiffusionModule, latent_shape, device) -> dict[str, float]:
+    """Seconds per decoded volume: DDIM ``--ddim-steps`` and DDPM ``--ddpm-steps``."""
+    ema = module.ema.eval()
+    ddpm_model = DenoiserModel(
+        ema.unet, ema.schedule.replace(steps_offset=0, set_alpha_to_one=True), ema.null_label
+    )
+    labels = torch.arange(args.sample_batch) % 2
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    def run(model: DenoiserModel, steps: int, sampler: str) -> Callable[[], object]:
+        def go():
+            with autocast:
+                return generate_volumes(
+                    model,
+                    vqgan,
+                    1.0,
+                    labels,
+                    latent_shape,
+                    num_steps=steps,
+                    sampler=sampler,
+                    batch_size=args.sample_batch,
+                    generator=torch.Generator().manual_seed(0),
+                )
+
+        return go
+
+    n = args.sample_batch
+    return {
+        f"DDIM {args.ddim_steps} steps": timed(run(ema, args.ddim_steps, "ddim"), device, 1, warmup=1) / n,
+        f"DDPM {args.ddpm_steps} steps": timed(run(ddpm_model, args.ddpm_steps, "ddpm"), device, 1) / n,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset])
+    args.image_size = args.image_size or preset["image_size"]
+    if args.vq_channels:
+        preset["vq_channels"] = args.vq_channels
+    if args.unet_channels:
+        preset["unet_channels"] = args.unet_channels
+        preset["attention"] = [False] * (len(args.unet_channels) - 1) + [True]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    vqgan, module, latent_shape = build(preset, args.image_size, device)
+    params = sum(p.numel() for p in module.denoiser.parameters()) / 1e6
+    vq_params = sum(p.numel() for p in vqgan.parameters()) / 1e6
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"{args.precision}, volumes {args.image_size}³ -> latents {list(latent_shape)}, "
+        f"UNet {preset['unet_channels']} {params:.2f} M params, VQGAN {preset['vq_channels']} {vq_params:.2f} M, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        volume_files = write_volumes(Path(folder), 4 * args.batch, args.image_size)
+        train = training_cases(args, vqgan, module, volume_files, device)
+    sampling = sampling_cases(args, vqgan, module, latent_shape, device)
+    print(f"\n(a) training, batch {args.batch}, {args.train_steps} timed steps")
+    print(f"{'case':<28}{'s/step':>10}{'steps/s':>10}")
+    for name, seconds in train.items():
+        print(f"{name:<28}{seconds:>10.4f}{1 / seconds:>10.2f}")
+    ratio = train["VQGAN encode on the fly"] / train["cached latents"]
+    print(f"cache speed-up: {ratio:.2f}x (goal >= 3x)")
+    print(f"\n(b) sampling + decoding, batch {args.sample_batch}")
+    print(f"{'case':<28}{'s/volume':>10}")
+    for name, seconds in sampling.items():
+        print(f"{name:<28}{seconds:>10.4f}")
+    ddim, ddpm = sampling.values()
+    print(f"DDIM speed-up: {ddpm / ddim:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

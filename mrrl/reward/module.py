@@ -1,0 +1,161 @@
+"""Lightning side of the reward regressors: the training module (R3D or R2D) and its DataModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchmetrics import MeanSquaredError
+from torchmetrics.regression import SpearmanCorrCoef
+
+from mrrl.errors import ConfigError
+from mrrl.reward.dataset import RewardDataset
+from mrrl.reward.losses import RANKING_LOSSES, PairwiseRankingAccuracy, pairwise_ranking_loss
+from mrrl.reward.models import build_reward_net
+
+MONITORS = {
+    "spearman": ("val/spearman", "max"),
+    "rank_acc": ("val/rank_acc", "max"),
+    "mse": ("val/mse", "min"),
+}
+
+
+class RewardModule(L.LightningModule):
+    """Regress a volume's reward (normalised) with MSE, plus ``ranking_weight`` × a pairwise ranking loss.
+
+    R2D's MSE is taken per slice by default (``slice_targets``: each random slice regresses its volume's
+    reward, which gives K targets per volume); its ranking loss, like R3D's, compares volume scores.
+    Validation logs the MSE (reward units), Spearman correlation and pairwise ranking accuracy of the
+    volume scores, gathered over every validation volume (and rank).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        image_shape: Sequence[int],
+        net: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        ranking: Mapping[str, Any],
+        ranking_weight: float = 0.1,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+        slice_targets: bool = True,
+        dataset_dir: str = "",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if ranking.get("kind", "logistic") not in RANKING_LOSSES:
+            raise ConfigError(
+                f"stage.ranking.kind must be one of {RANKING_LOSSES}, got {ranking.get('kind')!r}"
+            )
+        self.net = build_reward_net(kind, tuple(image_shape), net, target_mean, target_std)
+        self.optim_cfg = dict(optim)
+        self.ranking_cfg = dict(ranking)
+        self.val_mse = MeanSquaredError()
+        self.val_spearman = SpearmanCorrCoef()
+        self.val_rank = PairwiseRankingAccuracy()
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, rewards, groups = batch["image"], batch["reward"], batch["group"]
+        target = self.net.normalise(rewards)
+        if self.hparams.kind == "r2d" and self.hparams.slice_targets:
+            slice_scores = self.net.slice_scores(x)
+            mse = F.mse_loss(slice_scores, target[:, None].expand_as(slice_scores))
+            scores = slice_scores.mean(dim=1)
+        else:
+            scores = self.net(x)
+            mse = F.mse_loss(scores, target)
+        loss = mse
+        logs = {"train/mse": mse.detach()}
+        weight = float(self.hparams.ranking_weight)
+        if weight > 0:
+            rank = pairwise_ranking_loss(
+                scores,
+                rewards,
+                groups,
+                kind=self.ranking_cfg.get("kind", "logistic"),
+                margin=float(self.ranking_cfg.get("margin", 0.1)),
+                scale=float(self.ranking_cfg.get("scale", 1.0)),
+            )
+            loss = loss + weight * rank
+            logs["train/rank_loss"] = rank.detach()
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, batch_size=x.shape[0])
+        self.log("train/loss_step", loss.detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        x, rewards, groups = batch["image"], batch["reward"], batch["group"]
+        scores = self.net.denormalise(self.net(x))
+        self.val_mse.update(scores, rewards)
+        self.val_spearman.update(scores, rewards)
+        self.val_rank.update(scores, rewards, groups)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {
+            "val/mse": self.val_mse.compute(),
+            "val/spearman": self.val_spearman.compute(),
+            "val/rank_acc": self.val_rank.compute(),
+        }
+        for metric in (self.val_mse, self.val_spearman, self.val_rank):
+            metric.reset()
+        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=True)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params,
+            lr=float(cfg.get("lr", 1e-4)),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(cfg.get("weight_decay", 1e-4)),
+        )
+        scheduler = cfg.get("scheduler", "cosine")
+        if scheduler in (None, "none"):
+            return opt
+        if scheduler != "cosine":
+            raise ConfigError(f"stage.optim.scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=epochs, eta_min=float(cfg.get("min_lr", 0.0))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+
+
+class RewardDataModule(L.LightningDataModule):
+    """Train/val subsets of a reward dataset (volumes shuffled every epoch, so batches mix groups)."""
+
+    def __init__(
+        self,
+        train_set: RewardDataset,
+        val_set: RewardDataset,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers = int(num_workers)
+
+    def _loader(self, dataset: RewardDataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            # A last batch of one volume breaks BatchNorm; dropping it loses nothing (reshuffled each epoch).
+            drop_last=train and len(dataset) > batch_size,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
