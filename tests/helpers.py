@@ -38,3 +38,61 @@ def compose_cfg(overrides: Sequence[str], run_root: Path) -> DictConfig:
 
 def stage_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.run_root) / cfg.experiment_name / cfg.stage.name
+
+
+def _randomise_zero_params(module, seed: int = 0) -> None:
+    """MONAI zero-initialises the UNet's output convs: an untrained model would ignore its inputs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.abs().sum() == 0:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 16) -> dict[str, str]:
+    """A tiny VQGAN and a tiny diffusion checkpoint in the stages' formats (random weights, no training)."""
+    import torch
+
+    from mrrl.stages.diffusion import DiffusionModule
+    from mrrl.stages.vqgan import VQGANModule
+
+    torch.manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    vq = VQGANModule(
+        image_shape=(1, image_size, image_size, image_size),
+        net={"channels": [8, 16], "num_res_blocks": 1, "codebook_size": 16, "codebook_dim": 2},
+        discriminator={"channels": 8, "num_layers": 2},
+        loss={"adv_start_step": 0},
+        optim={"lr_g": 1e-3, "lr_d": 1e-3},
+    )
+    vq_path = root / "vqgan.ckpt"
+    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, vq_path)
+    diff = DiffusionModule(
+        latent_shape=(2, image_size // 4, image_size // 4, image_size // 4),
+        class_names=list(class_names),
+        unet={
+            "channels": [8, 8],
+            "attention_levels": [False, False],
+            "num_res_blocks": 1,
+            "num_head_channels": 8,
+            "norm_num_groups": 8,
+        },
+        schedule={
+            "num_train_timesteps": 1000,
+            "schedule": "linear_beta",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+        },
+        ema={"decay": 0.999},
+        optim={"lr": 1e-3},
+        vqgan_ckpt=str(vq_path),
+    )
+    _randomise_zero_params(diff.denoiser.unet)
+    diff.ema.unet.load_state_dict(diff.denoiser.unet.state_dict())
+    diff.set_scale_factor(1.0)
+    diff_path = root / "diffusion.ckpt"
+    torch.save({"hyper_parameters": dict(diff.hparams), "state_dict": diff.state_dict()}, diff_path)
+    return {"vqgan": str(vq_path), "diffusion": str(diff_path)}

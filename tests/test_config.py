@@ -27,55 +27,65 @@ def test_groups_exist() -> None:
     assert set(options("stage")) == set(STAGES)
 
 
-COMBINATIONS = list(
-    itertools.product(options("data"), options("stage"), options("trainer"), options("logger"))
-)
-
-
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
-@pytest.mark.parametrize(("data", "stage", "trainer", "logger"), COMBINATIONS)
-def test_every_combination_instantiates(
-    tmp_path: Path, data: str, stage: str, trainer: str, logger: str
-) -> None:
-    cfg = _compose(
-        [
-            f"data={data}",
-            f"stage={stage}",
-            f"trainer={trainer}",
-            f"logger={logger}",
-            f"paths.run_root={tmp_path}",
-            "data.root=/some/where",
-        ]
-    )
-    dm = build_datamodule(cfg)
-    assert dm.name == data and dm.num_classes == 2
-    loggers = build_loggers(cfg, tmp_path)
-    assert len(loggers) == {"none": 0, "csv": 1, "wandb": 2}[logger]
-    kwargs = trainer_kwargs(cfg)
+@pytest.mark.parametrize("data", options("data"))
+def test_every_combination_composes_and_instantiates(tmp_path: Path, data: str) -> None:
+    """data × stage × trainer × logger: the DataModule, loggers and Trainer arguments build for each."""
     accepted = set(inspect.signature(L.Trainer.__init__).parameters)
-    assert set(kwargs) <= accepted
-    if kwargs["accelerator"] == "cpu":
-        # Instantiating a CPU trainer validates strategy/precision/devices combinations for real.
-        L.Trainer(
-            **kwargs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            default_root_dir=str(tmp_path),
-        )
+    built_trainers: set[str] = set()
+    combos = itertools.product(options("stage"), options("trainer"), options("logger"))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        configs = [
+            (stage, trainer, logger, compose(config_name="config", overrides=[
+                f"data={data}", f"stage={stage}", f"trainer={trainer}", f"logger={logger}",
+                f"paths.run_root={tmp_path}", "data.root=/some/where"]))
+            for stage, trainer, logger in combos
+        ]
+    for stage, trainer, logger, cfg in configs:
+        dm = build_datamodule(cfg)
+        assert dm.name == data and dm.num_classes == 2 and cfg.stage.name == stage
+        loggers = build_loggers(cfg, tmp_path)
+        assert len(loggers) == {"none": 0, "csv": 1, "wandb": 2}[logger]
+        kwargs = trainer_kwargs(cfg)
+        assert set(kwargs) <= accepted, set(kwargs) - accepted
+        if kwargs["accelerator"] == "cpu" and (trainer, stage) not in built_trainers:
+            # Instantiating a CPU trainer validates strategy/precision/devices combinations for real.
+            built_trainers.add((trainer, stage))
+            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_compose(tmp_path: Path, experiment: str) -> None:
+def test_experiments_compose_with_every_stage(tmp_path: Path, experiment: str) -> None:
     cfg = _compose([f"experiment={experiment}", f"paths.run_root={tmp_path}"])
     assert cfg.experiment_name == experiment
     assert all(stage in STAGES for stage in cfg.pipeline.stages)
     if experiment.startswith("demo"):
         assert cfg.trainer.accelerator == "cpu" and cfg.data.phantom is not None
+        assert list(cfg.pipeline.stages) == list(STAGES)  # the demo runs the whole pipeline
+    for stage in STAGES:
+        # Presets (conf/preset/<experiment>_<stage>.yaml) must only touch keys the stage knows.
+        base = _compose([f"stage={stage}", f"paths.run_root={tmp_path}"]).stage
+        staged = _compose([f"experiment={experiment}", f"stage={stage}", f"paths.run_root={tmp_path}"]).stage
+        assert staged.name == stage
+        assert _keys(staged) <= _keys(base), f"{experiment}_{stage} preset adds unknown keys"
+
+
+def _keys(node, prefix: str = "") -> set[str]:
+    from omegaconf import DictConfig
+
+    out = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out.add(path)
+        if isinstance(value, DictConfig) and key not in ("trainer", "extractor_options", "extra_models",
+                                                         "extra_generators", "args"):
+            out |= _keys(value, path + ".")
+    return out
 
 
 def test_ddp_is_four_gpus_bf16() -> None:
