@@ -56,7 +56,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if name == "none":
         return []
     _keep_previous_metrics(run_dir / "logs")
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="", flush_logs_every_n_steps=10)]
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 

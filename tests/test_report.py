@@ -81,7 +81,7 @@ def write_reward_data(exp: Path, cfg: dict, steps=(10, 100), seconds: float = 60
     outputs = {
         "groups": groups,
         "vqgan_limit_fid": {"HGG": 1.234, "LGG": 2.345},
-        "extractor": {"name": "random3d"},
+        "extractor": "random3d(arch=resnet10,in_channels=1,seed=0)#4b21dd423c6d",
         "fid_plot": str((run_dir / "fid_vs_steps.png").resolve()),
         "num_volumes": 16 * len(groups),
         "seconds": seconds,
@@ -284,11 +284,8 @@ def test_table2_per_extractor_with_gap_from_evaluate(full_report) -> None:
     assert table_row(ours, "3D-VQGAN reconstruction (limit)")[1:] == ["25.82", "35.14", "24.64"]
     assert table_row(ours, "Standard diffusion")[1:] == ["53.98", "62.28", "50.38"]
     assert table_row(ours, "RL (ours)")[1:] == ["40.11", "51.86", "38.05"]
-    assert table_row(ours, "**Gap closed by RL**")[1:] == [
-        "49.1 %",
-        "40.5 %",
-        "47.9 %",
-    ]  # copied, not recomputed
+    copied = ["49.1 %", "40.5 %", "47.9 %"]  # evaluate's numbers, not recomputed from the FIDs
+    assert table_row(ours, "**Gap closed by RL**")[1:] == copied
     second = table2.split("### Extractor `random2d`")[1]
     assert table_row(second, "RL (ours)")[1:] == ["2.5", "2.25", "2"]
     assert table_row(second, "**Gap closed by RL**")[1:] == ["50.0 %"] * 3
@@ -321,6 +318,7 @@ def test_reward_data_and_reward_models(full_report) -> None:
     assert len(rows) == 8  # 2 trajectories × 2 steps × 2 classes
     assert table_row(data, "synthetic")[:7] == ["synthetic", "10", "HGG", "16", "15", "0.250", "12.5"]
     assert "HGG 1.234, LGG 2.345" in data
+    assert "`random3d(arch=resnet10,in_channels=1,seed=0)#4b21dd423c6d`" in data
     assert "reward_data/fid_vs_steps.png" in data
     models = section(text, "Reward models")
     r3d = [line for line in models.splitlines() if line.startswith("| R3D") and "| val |" in line]
@@ -371,7 +369,7 @@ def test_partial_experiment_names_the_missing_stages(tmp_path: Path) -> None:
     for stage in ("diffusion", "reward_data", "reward", "ppo", "evaluate", "classify"):
         assert f"`mrrl stage={stage} experiment=demo`" in text, stage
     assert "Missing stages: `diffusion`, `reward_data`, `reward`, `ppo`, `evaluate`, `classify`" in text
-    assert "Table 5" not in text and not (exp / "report_figures" / "ppo_curves.png").exists()
+    assert "## Table 5" not in text and not (exp / "report_figures" / "ppo_curves.png").exists()
 
 
 def test_unfinished_manifest_and_ppo_in_progress(tmp_path: Path) -> None:
@@ -380,20 +378,24 @@ def test_unfinished_manifest_and_ppo_in_progress(tmp_path: Path) -> None:
     (exp / "diffusion").mkdir()
     (exp / "diffusion" / "manifest.json").write_text(json.dumps({"stage": "diffusion", "status": "running"}))
     write_ppo_log(exp / "ppo" / "logs", iterations=2)  # PPO still training: no manifest yet
+    write_manifest(exp / "classify", "classify", {"protocols": ["not", "a", "mapping"]})
     text = write_report(exp).read_text()
+    assert "Could not render this section: AttributeError" in section(text, "Table 3")
     assert "the `diffusion` stage did not finish" in section(text, "Latent diffusion")
     ppo = section(text, "PPO")
     assert "`mrrl stage=ppo experiment=demo`" in ppo and "unfinished run" in ppo
     assert (exp / "report_figures" / "ppo_curves.png").is_file()
 
 
-def test_moved_experiment_still_finds_its_figures(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["move", "copy"])
+def test_moved_or_copied_experiment_links_its_own_figures(tmp_path: Path, how: str) -> None:
     exp = full_experiment(tmp_path / "cluster")
-    moved = shutil.move(str(exp), str(tmp_path / "laptop" / "brats2019"))
-    text = write_report(moved).read_text()
-    linked = linked_files(text, Path(moved))
-    assert len(linked) >= 6 and all(p.is_file() for p in linked)
-    assert "(evaluate/figures/samples_HGG.png)" in text
+    other = tmp_path / "laptop" / "brats2019"
+    (shutil.move if how == "move" else shutil.copytree)(str(exp), str(other))
+    text = write_report(other).read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) >= 6 and all((other / rel).is_file() for rel in links)
+    assert not any(rel.startswith("..") for rel in links)  # the copy's files, not the original's
 
 
 def ablation(
@@ -439,10 +441,13 @@ def test_table5_from_sibling_ablations(tmp_path: Path) -> None:
     only_3d = table_row(table5, "ablation_3d_only row")
     assert only_3d == ["ablation_3d_only row", "43.92", "2", "0.690 ± 0.020", "shared", "shared"]
     assert "ablation_other_dataset" not in text
-    assert "Table 5" not in write_report(main_dir, ablations={}).read_text()
+    assert "[report](../ablation_sparse_steps/report.md)" in table5
+    assert "## Table 5" not in write_report(main_dir, ablations={}).read_text()
+    chosen = write_report(main_dir, ablations={"3d": tmp_path / "ablation_3d_only"}).read_text()
+    assert "ablation_3d_only row" in chosen and "ablation_sparse_steps row" not in chosen
     # The ablation's own report: shared stages point at the base run instead of asking to run them.
     own = write_report(tmp_path / "ablation_3d_only").read_text()
-    assert "Table 5" not in own and "[its report](../brats2019/report.md)" in own
+    assert "## Table 5" not in own and "[its report](../brats2019/report.md)" in own
     assert "mrrl stage=vqgan" not in own and "mrrl stage=reward " not in own
 
 
@@ -453,6 +458,11 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.strip() == str(exp / "report.md")
     assert main([str(tmp_path / "nope")]) == 1
     assert "no experiment folder" in capsys.readouterr().err
+    # A run named on the command line (no conf/experiment/<name>.yaml): the hint names experiment_name.
+    custom = tmp_path / "my_run"
+    write_check_data_and_vqgan(custom, config("my_run"))
+    assert main([str(custom)]) == 0
+    assert "`mrrl stage=diffusion experiment_name=my_run" in (custom / "report.md").read_text()
 
 
 def test_ablation_configs_reuse_the_brats_run(tmp_path: Path) -> None:

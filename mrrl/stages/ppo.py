@@ -413,18 +413,19 @@ def save_policy_as_diffusion_checkpoint(
 def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | None]:
     stage = cfg.stage
     ckpts = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
-    if not all(ckpts.values()):
+    weights = {"r3d": float(stage.w3d), "r2d": float(stage.w2d)}
+    if any(weights[k] and not ckpts[k] for k in ckpts):
         outputs = read_manifest(
             cfg.paths.experiment_dir,
             "reward",
             "run `mrrl stage=reward` first or pass stage.r3d_ckpt=<path> stage.r2d_ckpt=<path>",
         )["outputs"]
         for key in ckpts:
-            if not ckpts[key]:
+            if weights[key] and not ckpts[key]:
                 entry = outputs.get(key) or {}
                 ckpts[key] = outputs.get(f"{key}_ckpt") or entry.get("best_ckpt") or entry.get("ckpt")
-    for key, weight in (("r3d", stage.w3d), ("r2d", stage.w2d)):
-        if float(weight) == 0:
+    for key, weight in weights.items():
+        if weight == 0:
             ckpts[key] = None
         elif not ckpts[key] or not Path(ckpts[key]).is_file():
             raise ManifestError(f"reward model {key} checkpoint {ckpts[key]} does not exist")
