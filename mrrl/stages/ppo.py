@@ -443,7 +443,11 @@ def _diffusion_checkpoint(cfg: DictConfig) -> str:
 
 
 def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Callable[[PPOModule], dict]:
-    """A small FID per class of the current policy against the real training volumes (rank 0 only)."""
+    """A small FID per class of the current policy against the real training volumes (rank 0 only).
+
+    Samples with the rollout sampler (the one the policy is optimised for) from a fixed seed, so successive
+    probes differ only by the policy.
+    """
     from mrrl.metrics import RealStatsCache, build_extractor, compute_statistics
 
     stage = cfg.stage
@@ -480,8 +484,8 @@ def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Cal
                 labels,
                 module.latent_shape,
                 num_steps=int(stage.num_steps),
-                sampler="ddim",
-                eta=0.0,
+                sampler=stage.sampler,
+                eta=float(stage.eta),
                 batch_size=int(stage.rollout_batch_size),
                 generator=generator,
             )
