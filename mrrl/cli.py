@@ -30,10 +30,12 @@ CONFIG_DIR = find_config_dir()
 
 def run_stage(cfg: DictConfig):
     """Seed, pick the run directory, run the stage; user errors become one message and exit status 1."""
+    from mrrl.distributed import begin_stage
     from mrrl.errors import MrrlError
     from mrrl.runtime import run_dir_from_hydra, seed_everything
     from mrrl.stages import get_stage
 
+    begin_stage(cfg)  # DDP × --multirun guard, SLURM sizes, one W&B run per job: mrrl/distributed.py
     _route_lightning_logs_through_hydra()
     run_dir = run_dir_from_hydra(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

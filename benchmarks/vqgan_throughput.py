@@ -1,0 +1,150 @@
+"""VQGAN-stage throughput and peak memory: training steps of mrrl's ``VQGANModule``.
+
+The stage's own ``training_step`` (encoder, chunked EMA quantiser, decoder, L1 + commitment loss, and once
+the warm-up is over the 3D volume and 2D slice discriminators with the adaptive weight and their own
+optimiser step), driven by a Lightning Trainer on synthetic volumes held in memory. Two cases:
+
+* ``warmup``: before ``adv_start_step``, generator only;
+* ``adversarial``: discriminators on from the first step (the reconstruction is reused for their step).
+
+Each case runs in a fresh process (clean peak-memory counters). Volumes/s = batch / mean seconds per step
+after ``--warmup`` untimed steps. Networks follow ``conf/stage/vqgan.yaml`` with the preset's sizes.
+
+Not a test. Examples::
+
+    python benchmarks/vqgan_throughput.py --preset tiny --device cpu --threads 2
+    python benchmarks/vqgan_throughput.py --preset paper --device cuda --batch 2
+    python benchmarks/vqgan_throughput.py --preset paper --device cuda --image-size 128 --precision bf16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from _common import (
+    PeakMemory,
+    StepTimer,
+    device_name,
+    emit,
+    lightning_trainer,
+    print_table,
+    run_case_in_child,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = ("warmup", "adversarial")
+PRESETS = {
+    # DESIGN defaults: 64³, ×4 downsampling, codebook 512 × 8, 3-layer patch discriminators.
+    "paper": {
+        "image_size": 64,
+        "batch": 2,
+        "net": {"channels": [64, 128], "num_res_blocks": 2, "codebook_size": 512, "codebook_dim": 8},
+        "discriminator": {"channels": 64, "num_layers": 3, "slices_per_volume": 4},
+    },
+    # The demo's VQGAN (conf/preset/demo_vqgan.yaml) at 32³: two busy CPU cores manage it.
+    "tiny": {
+        "image_size": 32,
+        "batch": 2,
+        "net": {"channels": [16, 32], "num_res_blocks": 1, "codebook_size": 256, "codebook_dim": 8},
+        "discriminator": {"channels": 16, "num_layers": 3, "slices_per_volume": 4},
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--image-size", type=int, help="volume side (overrides the preset)")
+    parser.add_argument("--batch", type=int, help="volumes per step (overrides the preset)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
+    return parser.parse_args(argv)
+
+
+def build_module(preset: dict, image_size: int, adversarial: bool):
+    from omegaconf import OmegaConf
+
+    from mrrl.stages.vqgan import VQGANModule
+
+    stage = OmegaConf.load(REPO / "conf" / "stage" / "vqgan.yaml")
+    stage = OmegaConf.merge(stage, {"net": preset["net"], "discriminator": preset["discriminator"]})
+    stage.loss.adv_start_step = 0 if adversarial else 10**9
+    cfg = OmegaConf.to_container(stage, resolve=True)
+    assert isinstance(cfg, dict)
+    return VQGANModule(
+        image_shape=(1, image_size, image_size, image_size),
+        net=cfg["net"],
+        discriminator=cfg["discriminator"],
+        loss=cfg["loss"],
+        optim=cfg["optim"],
+    )
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    preset = PRESETS[args.preset]
+    size, batch = args.image_size or preset["image_size"], args.batch or preset["batch"]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    module = build_module(preset, size, adversarial=args.case == "adversarial")
+    n_steps = args.warmup + args.steps
+    volumes = [{"image": torch.rand(1, size, size, size) * 2 - 1} for _ in range(batch * n_steps)]
+    loader = torch.utils.data.DataLoader(volumes, batch_size=batch, pin_memory=device.type == "cuda")
+    timer = StepTimer(device)
+    trainer = lightning_trainer(
+        device, args.precision, [timer.callback], max_epochs=1, limit_train_batches=n_steps
+    )
+    memory = PeakMemory(device).start()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = timer.mean(skip=args.warmup)
+    return {
+        "case": args.case,
+        "s_per_step": seconds,
+        "volumes_per_s": batch / seconds,
+        "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
+        "size": size,
+        "batch": batch,
+        "device": device_name(device),
+        **memory.stop(),
+        "memory_method": memory.method,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:
+        emit(run_case(args))
+        return
+    rows = [run_case_in_child(__file__, sys.argv[1:], case) for case in CASES]
+    first = rows[0]
+    print(
+        f"VQGAN {args.preset}: {first['size']}³ volumes, batch {first['batch']}, {args.precision}, "
+        f"{first['params_m']:.2f} M parameters (generator + discriminators), {first['device']}; "
+        f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
+    )
+    print_table(
+        rows,
+        [
+            ("case", "case", "s"),
+            ("s_per_step", "s/step", ".4f"),
+            ("volumes_per_s", "volumes/s", ".2f"),
+            ("peak_mib", "peak MiB", ".0f"),
+            ("growth_mib", "growth MiB", ".0f"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
