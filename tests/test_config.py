@@ -40,9 +40,22 @@ def test_every_combination_composes_and_instantiates(tmp_path: Path, data: str) 
     combos = itertools.product(options("stage"), options("trainer"), options("logger"))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         configs = [
-            (stage, trainer, logger, compose(config_name="config", overrides=[
-                f"data={data}", f"stage={stage}", f"trainer={trainer}", f"logger={logger}",
-                f"paths.run_root={tmp_path}", "data.root=/some/where"]))
+            (
+                stage,
+                trainer,
+                logger,
+                compose(
+                    config_name="config",
+                    overrides=[
+                        f"data={data}",
+                        f"stage={stage}",
+                        f"trainer={trainer}",
+                        f"logger={logger}",
+                        f"paths.run_root={tmp_path}",
+                        "data.root=/some/where",
+                    ],
+                ),
+            )
             for stage, trainer, logger in combos
         ]
     for stage, trainer, logger, cfg in configs:
@@ -55,8 +68,13 @@ def test_every_combination_composes_and_instantiates(tmp_path: Path, data: str) 
         if kwargs["accelerator"] == "cpu" and (trainer, stage) not in built_trainers:
             # Instantiating a CPU trainer validates strategy/precision/devices combinations for real.
             built_trainers.add((trainer, stage))
-            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      default_root_dir=str(tmp_path))
+            L.Trainer(
+                **kwargs,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                default_root_dir=str(tmp_path),
+            )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -82,8 +100,13 @@ def _keys(node, prefix: str = "") -> set[str]:
     for key, value in node.items():
         path = f"{prefix}{key}"
         out.add(path)
-        if isinstance(value, DictConfig) and key not in ("trainer", "extractor_options", "extra_models",
-                                                         "extra_generators", "args"):
+        if isinstance(value, DictConfig) and key not in (
+            "trainer",
+            "extractor_options",
+            "extra_models",
+            "extra_generators",
+            "args",
+        ):
             out |= _keys(value, path + ".")
     return out
 

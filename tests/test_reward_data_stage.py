@@ -14,7 +14,11 @@ from mrrl.errors import ConfigError, ManifestError
 from mrrl.reward.dataset import load_reward_dataset
 from mrrl.stages import reward_data as reward_data_stage
 
-STEPS = ["stage.synthetic_steps=[2,8]", "stage.reconstruction_steps=[1,6]", "stage.reconstruction_num_steps=8"]
+STEPS = [
+    "stage.synthetic_steps=[2,8]",
+    "stage.reconstruction_steps=[1,6]",
+    "stage.reconstruction_num_steps=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +32,17 @@ def setup(tmp_path_factory) -> dict:
 def cfg_for(setup: dict, run_root: Path, *extra: str):
     return compose_cfg(
         [
-            "stage=reward_data", "data=brats2019", f"data.root={setup['data']}", *TINY_DATA,
-            f"stage.diffusion_ckpt={setup['ckpts']['diffusion']}", f"stage.vqgan_ckpt={setup['ckpts']['vqgan']}",
-            "stage.n_per_group=3", "stage.sample_batch_size=4", "stage.progress_bar=false", *STEPS, *extra,
+            "stage=reward_data",
+            "data=brats2019",
+            f"data.root={setup['data']}",
+            *TINY_DATA,
+            f"stage.diffusion_ckpt={setup['ckpts']['diffusion']}",
+            f"stage.vqgan_ckpt={setup['ckpts']['vqgan']}",
+            "stage.n_per_group=3",
+            "stage.sample_batch_size=4",
+            "stage.progress_bar=false",
+            *STEPS,
+            *extra,
         ],
         run_root,
     )
@@ -55,12 +67,15 @@ def test_builds_groups_rewards_and_a_loadable_dataset(setup: dict, tmp_path: Pat
     assert item["image"].shape == (1, 16, 16, 16) and float(item["image"].abs().max()) <= 1.0
     recon = [r for r in dataset.rows if r["trajectory"] == "reconstruction"]
     assert recon and all(r["source_id"].startswith("BraTS19_TEST_") for r in recon)
-    assert Path(outputs["fid_plot"]).is_file() and "VQGAN reconstruction limit" in Path(
-        outputs["summary_md"]
-    ).read_text()
+    assert (
+        Path(outputs["fid_plot"]).is_file()
+        and "VQGAN reconstruction limit" in Path(outputs["summary_md"]).read_text()
+    )
 
 
-def test_rerun_after_interruption_regenerates_nothing_finished(setup: dict, tmp_path: Path, monkeypatch) -> None:
+def test_rerun_after_interruption_regenerates_nothing_finished(
+    setup: dict, tmp_path: Path, monkeypatch
+) -> None:
     cfg = cfg_for(setup, tmp_path)
     run_dir = stage_dir(cfg)
     first = reward_data_stage.run(cfg, run_dir)
@@ -86,6 +101,8 @@ def test_bad_steps_and_missing_inputs_are_clear_errors(setup: dict, tmp_path: Pa
     cfg = cfg_for(setup, tmp_path, "stage.reconstruction_steps=[1,9]")
     with pytest.raises(ConfigError, match="reconstruction_steps"):
         reward_data_stage.run(cfg, stage_dir(cfg))
-    cfg = compose_cfg(["stage=reward_data", "data=brats2019", f"data.root={setup['data']}", *TINY_DATA], tmp_path)
+    cfg = compose_cfg(
+        ["stage=reward_data", "data=brats2019", f"data.root={setup['data']}", *TINY_DATA], tmp_path
+    )
     with pytest.raises(ManifestError, match="stage.diffusion_ckpt"):
         reward_data_stage.run(cfg, stage_dir(cfg))
