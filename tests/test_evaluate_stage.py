@@ -290,6 +290,7 @@ def test_three_rows_from_diffusion_and_ppo_manifests(experiment, tmp_path: Path,
 
     overrides = [
         f"stage.vqgan_ckpt={vqgan_ckpt}",
+        "stage.eta=0.0",  # deterministic DDIM: samples independent of the sampling batch size
         "stage.n_per_class=3",
         "stage.num_steps=3",
         "stage.sample_batch_size=2",
