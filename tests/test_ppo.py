@@ -219,3 +219,63 @@ def test_non_finite_update_is_skipped(checkpoints) -> None:
     trainer.fit(module)
     assert int(module.skipped_updates) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
+
+
+class _RecordingPPO(PPOModule):
+    """Writes each rank's advantages and its gathered batch to disk, to compare them outside the ranks."""
+
+    record_dir: str = ""
+
+    def training_step(self, batch, batch_idx):
+        original = self.normalizer.normalize
+
+        def recording(rewards, labels, all_rewards, all_labels):
+            out = original(rewards, labels, all_rewards, all_labels)
+            torch.save(
+                {
+                    "local": rewards,
+                    "labels": labels,
+                    "all": all_rewards,
+                    "all_labels": all_labels,
+                    "adv": out,
+                },
+                Path(self.record_dir) / f"rank{self.global_rank}_it{int(self.iterations)}.pt",
+            )
+            return out
+
+        self.normalizer.normalize = recording
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self.normalizer.normalize = original
+
+
+def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoints, tmp_path: Path) -> None:
+    module = _RecordingPPO(
+        checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, {**PPO_CFG, "stat_min_count": 100}
+    )
+    module.reward_fn = mean_intensity_reward
+    module.record_dir = str(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}_it0.pt", weights_only=False) for r in (0, 1))
+    assert not torch.equal(r0["local"], r1["local"])  # rank-specific noise
+    torch.testing.assert_close(r0["all"], r1["all"])  # both ranks see the same gathered batch
+    torch.testing.assert_close(torch.cat([r0["local"], r1["local"]]).sort().values, r0["all"].sort().values)
+    reference = PerClassRewardNormalizer(2, min_count=100, clip=5.0)
+    full = reference.normalize(r0["all"], r0["all_labels"], r0["all"], r0["all_labels"])
+    for rec in (r0, r1):  # each rank's advantages = its rows of the gathered batch, normalised together
+        for value, label, adv in zip(rec["local"], rec["labels"], rec["adv"]):
+            match = (r0["all"] == value) & (r0["all_labels"] == label)
+            torch.testing.assert_close(adv, full[match][0])
