@@ -35,8 +35,8 @@ from mrrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Stages that start no Lightning Trainer (their ``trainer.strategy`` starts no processes).
-NO_TRAINER_STAGES = frozenset({"check_data", "reward_data", "evaluate"})
+# Stages that start no ranks (no Trainer and no Fabric): their ``trainer.strategy`` launches nothing.
+NO_TRAINER_STAGES = frozenset({"check_data", "evaluate"})
 SIGTERM_EXIT_STATUS = 128 + int(signal.SIGTERM)
 SLURM_LAUNCHER_SUFFIX = "SlurmLauncher"
 

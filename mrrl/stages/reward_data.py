@@ -114,21 +114,31 @@ def _real_volumes(datamodule, split: str, class_name: str) -> tuple[torch.Tensor
 class GroupGenerator:
     """Makes the volumes of one group with the frozen diffusion model and VQGAN."""
 
-    def __init__(self, loaded, vqgan, stage: Mapping[str, Any], device: torch.device):
+    def __init__(
+        self, loaded, vqgan, stage: Mapping[str, Any], device: torch.device, rank: int = 0, world: int = 1
+    ):
         self.loaded = loaded
         self.vqgan = vqgan
         self.stage = stage
         self.device = device
         self.batch_size = int(stage["sample_batch_size"])
+        self.rank, self.world = rank, world
 
-    def _generator(self, group: Group) -> torch.Generator:
-        # One stream per group: a resumed run regenerates exactly what an uninterrupted run would have.
-        digest = hashlib.sha256(f"{self.stage['seed']}:{group.name}".encode()).digest()
+    def share(self, n: int) -> list[int]:
+        """Indices of a group's volumes this rank makes (all of them in a single process)."""
+        return list(range(self.rank, n, self.world))
+
+    def _generator(self, group: Group, per_rank: bool = False) -> torch.Generator:
+        # One stream per group (and rank, under DDP): a resumed run regenerates what an uninterrupted run would.
+        tag = f":rank{self.rank}" if per_rank and self.world > 1 else ""
+        digest = hashlib.sha256(f"{self.stage['seed']}:{group.name}{tag}".encode()).digest()
         seed = int.from_bytes(digest[:8], "little") % (2**63)
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.no_grad()
     def synthetic(self, group: Group, n: int) -> tuple[torch.Tensor, list[str]]:
+        """This rank's share of the group: ``len(self.share(n))`` volumes from pure noise."""
+        n = len(self.share(n))
         labels = torch.full((n,), group.label, dtype=torch.long)
         volumes = generate_volumes(
             self.loaded.denoiser,
@@ -140,17 +150,22 @@ class GroupGenerator:
             sampler=self.stage["sampler"],
             eta=float(self.stage["eta"]),
             batch_size=self.batch_size,
-            generator=self._generator(group),
+            generator=self._generator(group, per_rank=True),
             guidance_scale=float(self.stage["guidance_scale"]),
         )
         return volumes, [""] * n
 
     @torch.no_grad()
     def reconstruction(self, group: Group, real: torch.Tensor, real_ids: Sequence[str], n: int):
-        """Noise the latents of ``n`` real volumes (cycling through the class) t steps and denoise back."""
+        """Noise the latents of real volumes (cycling through the class) t steps and denoise back.
+
+        The sources of all ``n`` volumes are drawn the same way on every rank; this rank makes its share.
+        """
         generator = self._generator(group)
         order = torch.randperm(len(real), generator=generator).tolist()
-        picks = [order[i % len(order)] for i in range(n)]
+        picks = [order[i % len(order)] for i in self.share(n)]
+        if self.world > 1:
+            generator = self._generator(group, per_rank=True)
         volumes = []
         for start in range(0, n, self.batch_size):
             chunk = picks[start : start + self.batch_size]
@@ -180,6 +195,36 @@ class GroupGenerator:
             for i in range(0, len(real), self.batch_size)
         ]
         return torch.cat(out)
+
+
+def launch_ranks(cfg: DictConfig):
+    """Under a multi-device ``trainer`` (e.g. ``trainer=ddp``), start the ranks with Lightning Fabric."""
+    kwargs = {k: cfg.trainer.get(k) for k in ("accelerator", "devices", "num_nodes", "strategy")}
+    devices = kwargs["devices"]
+    if (isinstance(devices, int) and devices > 1) or int(kwargs["num_nodes"] or 1) > 1:
+        import lightning as L
+
+        fabric = L.Fabric(**kwargs)
+        fabric.launch()
+        return fabric
+    return None
+
+
+def gather_share(fabric, volumes: torch.Tensor, sources: Sequence[str], n: int):
+    """All ranks' shares in index order (rank r made indices r, r + world, ...); volumes end up on the CPU."""
+    if fabric is None:
+        return volumes, list(sources)
+    import torch.distributed as dist
+
+    world = fabric.world_size
+    chunk = -(-n // world)
+    padded = torch.zeros((chunk, *volumes.shape[1:]), dtype=volumes.dtype)
+    padded[: len(volumes)] = volumes
+    gathered = fabric.all_gather(padded.to(fabric.device)).cpu()  # [world, chunk, ...]
+    names: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(names, list(sources))
+    order = sorted((index, rank, k) for rank in range(world) for k, index in enumerate(range(rank, n, world)))
+    return torch.stack([gathered[r, k] for _, r, k in order]), [names[r][k] for _, r, k in order]
 
 
 def _load_fids(path: Path) -> dict[str, Any]:
@@ -252,14 +297,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     datamodule = build_datamodule(cfg).prepare()
     groups = plan_groups(stage, datamodule.class_names)
     diffusion_ckpt, vqgan_ckpt = resolve_checkpoints(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    fabric = launch_ranks(cfg)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    if fabric is not None:
+        device = fabric.device
+    else:
+        device = torch.device(
+            "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
+        )
     loaded = load_diffusion(diffusion_ckpt, use_ema=True, device=device)
     if list(loaded.class_names) != datamodule.class_names:
         raise ConfigError(
             f"the diffusion model knows classes {loaded.class_names}, the data {datamodule.class_names}"
         )
     vqgan = load_vqgan(vqgan_ckpt, device)
-    maker = GroupGenerator(loaded, vqgan, stage, device)
+    maker = GroupGenerator(loaded, vqgan, stage, device, rank, world)
 
     metrics = stage["metrics"]
     extractor = build_extractor(
@@ -271,9 +323,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     batch = int(metrics["batch_size"])
     cache = RealStatsCache(Path(cfg.paths.cache_dir) / "fid_stats")
     n = int(stage["n_per_group"])
-    writer = RewardDatasetWriter(
-        run_dir / DATASET_DIR, datamodule.image_shape, capacity=n * len(groups), dtype=stage["dtype"]
-    )
+    # Every rank generates its share of each group; rank 0 alone scores the groups and writes the files.
+    writer = None
+    if rank == 0:
+        writer = RewardDatasetWriter(
+            run_dir / DATASET_DIR, datamodule.image_shape, capacity=n * len(groups), dtype=stage["dtype"]
+        )
     fid_path = run_dir / FID_FILE
     fids = _load_fids(fid_path)
     real_split = stage["real_split"]
@@ -290,30 +345,35 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                 "ids": sorted(ids),
                 "extractor": extractor.identity,
             }
-            stats = cache.get_or_compute(key, lambda: compute_statistics(extractor, real, batch, device))
+            stats = None
+            if rank == 0:
+                stats = cache.get_or_compute(key, lambda: compute_statistics(extractor, real, batch, device))
             real_cache[name] = (real, ids, stats)
         return real_cache[name]
 
     start = time.monotonic()
     limits: dict[str, float] = dict(fids.get("_vqgan_limit", {}))
-    bar = tqdm(groups, desc="reward groups", disable=not stage.get("progress_bar", True))
+    bar = tqdm(groups, desc="reward groups", disable=not stage.get("progress_bar", True) or rank != 0)
     for group in bar:
         bar.set_postfix_str(group.name)
         real, ids, real_stats = real_for(group.class_name)
-        if stage.get("include_limit", True) and group.class_name not in limits:
+        if rank == 0 and stage.get("include_limit", True) and group.class_name not in limits:
             recon = maker.vqgan_limit(real)
             limits[group.class_name] = compute_statistics(extractor, recon, batch, device).frechet_distance(
                 real_stats
             )
             fids["_vqgan_limit"] = limits
             atomic_write_json(fid_path, fids)
-        if writer.is_complete(group.name) and group.name in fids:
+        if group.name in fids:  # the FID is written after the group's volumes: the group is complete
             continue
         t0 = time.monotonic()
         if group.trajectory == "synthetic":
             volumes, sources = maker.synthetic(group, n)
         else:
             volumes, sources = maker.reconstruction(group, real, ids, n)
+        volumes, sources = gather_share(fabric, volumes, sources, n)
+        if rank != 0:
+            continue
         fid = compute_statistics(extractor, volumes, batch, device).frechet_distance(real_stats)
         rows = [
             {
@@ -332,6 +392,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         atomic_write_json(fid_path, fids)  # after the volumes: a group counts only once both are on disk
         log.info("%s: FID %.4g (%.1f s)", group.name, fid, time.monotonic() - t0)
 
+    if fabric is not None:
+        fabric.barrier()
+        from mrrl.stages.common import release_process_group
+
+        release_process_group()
+    if rank != 0:
+        return None
     group_fids = {g.name: float(fids[g.name]["fid"]) for g in groups}
     rewards = compute_rewards(
         group_fids, groups, stage["reward_map"], stage.get("reward_tau"), stage["reward_scope"]
