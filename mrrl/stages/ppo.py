@@ -45,7 +45,7 @@ from mrrl.latents import load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
 from mrrl.runtime import build_datamodule
-from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit
+from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, real_class_statistics
 from mrrl.utils.io import atomic_path
 from mrrl.viz import log_figure, slices_figure
 
@@ -453,21 +453,10 @@ def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Cal
     stage = cfg.stage
     extractor = build_extractor(stage.fid_extractor, in_channels=datamodule.image_shape[0])
     cache = RealStatsCache(Path(cfg.paths.cache_dir) / "fid_stats")
-    real_stats = {}
-    for name in datamodule.class_names:
-        dataset = datamodule.dataset("train", label=name)
-        real = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        key = {
-            "dataset": datamodule.name,
-            "preprocessing": datamodule.cache.dir.name,
-            "split": "train",
-            "class": name,
-            "ids": sorted(s.id for s in dataset.subjects),
-            "extractor": extractor.identity,
-        }
-        real_stats[name] = cache.get_or_compute(
-            key, lambda real=real: compute_statistics(extractor, real, 8, "cpu")
-        )
+    real_stats = {
+        name: real_class_statistics(datamodule, "train", name, extractor, cache, 8, "cpu")[2]
+        for name in datamodule.class_names
+    }
 
     def probe(module: PPOModule) -> dict[str, float]:
         if not module.trainer.is_global_zero:

@@ -36,7 +36,7 @@ from mrrl.metrics import FeatureStatistics, RealStatsCache, build_extractor, com
 from mrrl.reward.dataset import RewardDatasetWriter, group_name
 from mrrl.reward.maps import fid_to_reward
 from mrrl.runtime import build_datamodule
-from mrrl.stages.common import already_finished
+from mrrl.stages.common import already_finished, real_class_set, real_class_statistics
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -99,16 +99,6 @@ def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str]:
         if not Path(path).is_file():
             raise ManifestError(f"checkpoint {path} does not exist")
     return str(diffusion_ckpt), str(vqgan_ckpt)
-
-
-def _real_volumes(datamodule, split: str, class_name: str) -> tuple[torch.Tensor, list[str]]:
-    dataset = datamodule.dataset(split, label=class_name)
-    if len(dataset) == 0:
-        raise ConfigError(
-            f"no {split} volumes of class {class_name}: the reward data need real volumes per class"
-        )
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([item["image"] for item in items]), [item["id"] for item in items]
 
 
 class GroupGenerator:
@@ -336,19 +326,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     def real_for(name: str):
         if name not in real_cache:
-            real, ids = _real_volumes(datamodule, real_split, name)
-            key = {
-                "dataset": datamodule.name,
-                "preprocessing": datamodule.cache.dir.name,
-                "split": real_split,
-                "class": name,
-                "ids": sorted(ids),
-                "extractor": extractor.identity,
-            }
-            stats = None
             if rank == 0:
-                stats = cache.get_or_compute(key, lambda: compute_statistics(extractor, real, batch, device))
-            real_cache[name] = (real, ids, stats)
+                real_cache[name] = real_class_statistics(
+                    datamodule, real_split, name, extractor, cache, batch, device
+                )
+            else:  # only rank 0 scores: the others need the volumes (reconstruction sources), not statistics
+                real_cache[name] = (*real_class_set(datamodule, real_split, name), None)
         return real_cache[name]
 
     start = time.monotonic()
