@@ -373,8 +373,8 @@ def test_sweep_2x2_distinct_job_dirs_with_offline_wandb_runs(data_root: Path, tm
 # ---------------------------------------------------------------------------------------------- fault tolerance
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "mrrl", *args],
@@ -409,8 +409,8 @@ def test_killed_then_terminated_run_resumes_to_the_same_step_count(data_root: Pa
     run_dir = tmp_path / "ft" / "vqgan"
     last = run_dir / "checkpoints" / "last.ckpt"
 
-    # 1. SIGKILL as soon as the first last.ckpt exists (Lightning renames it into place from the system temp
-    #    folder, on the same file system here: never half-written).
+    # 1. SIGKILL as soon as the first last.ckpt exists (AtomicCheckpointIO renames it into place: never
+    #    half-written).
     proc = _start(args, tmp_path / "run1.log")
     _wait_for_new_checkpoint(proc, last, after_ns=0)
     proc.kill()
@@ -418,8 +418,8 @@ def test_killed_then_terminated_run_resumes_to_the_same_step_count(data_root: Pa
     assert not (run_dir / "manifest.json").exists()
     killed_at = ckpt_state(last)
 
-    # 2. The same command resumes; SIGTERM once it has saved a newer checkpoint: Lightning stops at the epoch
-    #    end, and mrrl exits with 143 (not 0) and says how to resume.
+    # 2. The same command resumes; SIGTERM once it has saved a newer checkpoint: Lightning stops after the
+    #    current step, GracefulStop saves last.ckpt there, and mrrl exits with 143 (not 0) and says how to resume.
     stamp = last.stat().st_mtime_ns
     proc = _start(args, tmp_path / "run2.log")
     _wait_for_new_checkpoint(proc, last, after_ns=stamp)
@@ -429,6 +429,7 @@ def test_killed_then_terminated_run_resumes_to_the_same_step_count(data_root: Pa
     assert f"resuming from {last}" in log2
     assert status == 143, log2[-3000:]
     assert "stopped by SIGTERM" in log2 and not (run_dir / "manifest.json").exists()
+    assert "before stopping" in log2 and "requeue" not in log2  # saved; not on SLURM, so nothing requeued
     terminated_at = ckpt_state(last)
     assert killed_at["global_step"] < terminated_at["global_step"]
 
@@ -440,3 +441,58 @@ def test_killed_then_terminated_run_resumes_to_the_same_step_count(data_root: Pa
     expected = epochs * steps_per_epoch(manifest, world_size=1)
     assert terminated_at["global_step"] <= expected
     assert ckpt_state(last) == {"global_step": expected, "generator_steps": expected}
+
+
+def test_sigterm_under_ddp_saves_last_ckpt_and_requeues_the_slurm_job(data_root: Path, tmp_path: Path) -> None:
+    """Plain ddp (2 gloo ranks) with no periodic checkpoint before the end: SIGTERM to the launching process
+    must leave a last.ckpt from which the same command finishes with the step count of an uninterrupted run;
+    with SLURM_JOB_ID set, rank 0 (only) calls `scontrol requeue <job>`."""
+    epochs = 24  # 1 step per epoch and rank (4 training volumes, batch 2, 2 ranks)
+    args = tiny_args(
+        data_root,
+        tmp_path,
+        "trainer=ddp_cpu",
+        "experiment_name=ftddp",
+        f"stage.trainer.max_epochs={epochs}",
+        "stage.trainer.check_val_every_n_epoch=12",
+        f"stage.checkpoint_every_n_steps={epochs}",  # the only periodic last.ckpt comes at the very end
+        "stage.latents.export=false",
+        "trainer.log_every_n_steps=1",
+    )
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    slurm_env = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    run_dir = tmp_path / "ftddp" / "vqgan"
+    last, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "logs" / "metrics.csv"
+
+    proc = _start(args, tmp_path / "ddp.log", env=slurm_env)
+    deadline = time.monotonic() + 180
+    while not metrics.is_file():  # the CSV logger's first flush: training is under way on both ranks
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no training progress (status {proc.poll()}): {(tmp_path / 'ddp.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+    assert not last.exists()
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=120)
+    log = (tmp_path / "ddp.log").read_text()
+    assert status == 143, log[-3000:]
+    stopped_at = ckpt_state(last)
+    assert 0 < stopped_at["global_step"] < epochs, stopped_at
+    assert stopped_at["generator_steps"] == stopped_at["global_step"]
+    assert calls.read_text().splitlines() == ["requeue 4242"]  # once: rank 0 only
+    assert "requeued SLURM job 4242" in log and not (run_dir / "manifest.json").exists()
+
+    # The requeued job: the same command (one restart so far) resumes and finishes; no requeue on success.
+    result = mrrl(*args, env={**slurm_env, "SLURM_RESTART_COUNT": "1"}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {last}" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    expected = epochs * steps_per_epoch(manifest, world_size=2)
+    assert ckpt_state(last) == {"global_step": expected, "generator_steps": expected}
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert not list(run_dir.rglob(".*.tmp-*"))  # no temporary checkpoint left behind

@@ -1,7 +1,8 @@
 """The training harness shared by every Lightning stage: checkpoints, resume, loggers, Trainer, manifest.
 
-Rerunning the same command after an interruption resumes from ``<run_dir>/checkpoints/last.ckpt``;
-a stage whose manifest says it finished is not retrained unless ``stage.force=true``.
+Rerunning the same command after an interruption resumes from ``<run_dir>/checkpoints/last.ckpt``
+(written atomically, and on SIGTERM too: ``mrrl/fault_tolerance.py``); a stage whose manifest says it
+finished is not retrained unless ``stage.force=true``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
+from mrrl.fault_tolerance import AtomicCheckpointIO, graceful_stop_from_config, resume_checkpoint
 from mrrl.manifest import is_complete
 from mrrl.runtime import build_loggers, trainer_kwargs
 
@@ -60,7 +62,7 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     find_unused_parameters: bool = False,
 ) -> tuple[L.Trainer, ModelCheckpoint | None]:
-    """Trainer with a ``last.ckpt`` (resume point) and, if ``monitor`` is given, a ``best.ckpt``."""
+    """Trainer with a ``last.ckpt`` (resume point, also saved on SIGTERM) and, with ``monitor``, a ``best.ckpt``."""
     kwargs = trainer_kwargs(cfg)
     kwargs["strategy"] = _strategy(kwargs, find_unused_parameters)
     every_n = cfg.stage.get("checkpoint_every_n_steps")
@@ -91,18 +93,25 @@ def build_trainer(
         all_callbacks.append(best_cb)
     # After best_cb, so a last.ckpt written at the same moment already holds the updated best.
     all_callbacks.append(last_cb)
+    all_callbacks.append(graceful_stop_from_config(cfg, ckpt_dir / LAST_CKPT))
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs_plugins = kwargs.pop("plugins", None)
     trainer = L.Trainer(
         **kwargs,
         default_root_dir=str(run_dir),
         callbacks=all_callbacks,
+        plugins=[*_as_list(kwargs_plugins), AtomicCheckpointIO()],
         logger=loggers or False,
         enable_progress_bar=bool(cfg.stage.get("progress_bar", True)),
         enable_model_summary=False,
     )
     return trainer, best_cb
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def fit(
@@ -112,10 +121,16 @@ def fit(
     run_dir: Path,
     fresh: bool = False,
 ) -> None:
-    """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run was interrupted (unless ``fresh``)."""
-    resume = last_checkpoint(run_dir)
+    """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run was interrupted (unless ``fresh``).
+
+    Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` files count too when newer (``resume_checkpoint``).
+    """
+    resume = resume_checkpoint(run_dir, last_checkpoint(run_dir))
     if resume is not None and fresh:
-        resume.rename(resume.with_name(f"last-before-force-{int(time.time())}.ckpt"))
+        stamp = int(time.time())
+        for old in [last_checkpoint(run_dir), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]:
+            if old is not None:
+                old.rename(old.with_name(f"{old.stem}-before-force-{stamp}.ckpt"))
         resume = None
     if resume is not None:
         log.info("resuming from %s", resume)
