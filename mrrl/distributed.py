@@ -15,9 +15,9 @@
    manifest. Stopped runs here exit with 143 (128 + SIGTERM) and say how to resume, so schedulers and
    ``mrrl-pipeline`` see a failure rather than a success.
 
-SLURM requeueing is Lightning's (``SLURMEnvironment(auto_requeue=True)``, the default when it detects
-SLURM) or, under the submitit launcher, submitit's (``hydra.launcher.max_num_timeout``); either way the
-requeued job reruns the same command and the stage resumes from ``checkpoints/last.ckpt``.
+SLURM requeueing is mrrl's (``mrrl/fault_tolerance.py``: ``last.ckpt`` saved on SIGTERM / SIGUSR1, then
+``scontrol requeue``) or, under the submitit launcher, submitit's (``hydra.launcher.max_num_timeout``);
+either way the requeued job reruns the same command and the stage resumes from ``checkpoints/last.ckpt``.
 See ``docs/scaling.md``.
 """
 
@@ -36,7 +36,7 @@ from mrrl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Stages that start no ranks (no Trainer and no Fabric): their ``trainer.strategy`` launches nothing.
-NO_TRAINER_STAGES = frozenset({"check_data", "evaluate"})
+NO_TRAINER_STAGES = frozenset({"check_data"})
 SIGTERM_EXIT_STATUS = 128 + int(signal.SIGTERM)
 SLURM_LAUNCHER_SUFFIX = "SlurmLauncher"
 

@@ -39,7 +39,9 @@ HPC_CKPT_GLOB = "hpc_ckpt_*.ckpt"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Local checkpoints are written to ``.<name>.tmp-<pid>`` in the target folder, then renamed over it."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):  # remote file systems: Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
@@ -126,7 +128,9 @@ class GracefulStop(Callback):
         max_requeues: stop requeueing after this many restarts of the SLURM job.
     """
 
-    def __init__(self, ckpt_path: Path, save: bool = True, requeue: bool | str = "auto", max_requeues: int = 20):
+    def __init__(
+        self, ckpt_path: Path, save: bool = True, requeue: bool | str = "auto", max_requeues: int = 20
+    ):
         if requeue not in (True, False, "auto"):
             from mrrl.errors import ConfigError
 
@@ -165,7 +169,9 @@ class GracefulStop(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False):
-            trainer._signal_connector.received_sigterm = True  # Lightning stops after this step, on every rank
+            trainer._signal_connector.received_sigterm = (
+                True  # Lightning stops after this step, on every rank
+            )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

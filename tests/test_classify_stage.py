@@ -362,3 +362,47 @@ def test_changed_settings_retrain_and_bad_settings_are_clear_errors(base, monkey
         classify_stage.run(cfg_for(base, "cfgs", "+stage.extra_generators.x=/nonexistent"), out_dir)
     with pytest.raises(ConfigError, match="seeds"):
         classify_stage.run(cfg_for(base, "cfgs", "stage.seeds=[]"), out_dir)
+
+
+def test_two_ranks_share_the_sampling_then_train_together(base, tmp_path: Path) -> None:
+    """``trainer=ddp_cpu`` through the real CLI: Fabric starts the 2 gloo ranks before sampling, they share
+    each class's volumes (deterministic DDIM: the ones a single process makes), and the classifier Trainers
+    run on the same two ranks; one table, written by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    publish(base, "ddp1", "diffusion")
+    publish(base, "ddp2", "diffusion")
+    args = ["stage.seeds=[0]", "stage.protocols=[standard]", *SAMPLING, "stage.eta=0.0", "logger=none"]
+    classify_stage.run(cfg_for(base, "ddp1", *args), run_dir(base, "ddp1"))
+
+    cli_args = [
+        *TINY,
+        *DATA,
+        f"data.root={base['data']}",
+        "experiment_name=ddp2",
+        f"paths.run_root={base['runs']}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mrrl", *cli_args, *args, "trainer=ddp_cpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out_dir = run_dir(base, "ddp2")
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (out_dir / "train_ddp_process_1.log").read_text()
+    for c in CLASSES:
+        ddp = np.load(out_dir / "synthetic" / "standard" / f"{c}.npy")
+        one = np.load(run_dir(base, "ddp1") / "synthetic" / "standard" / f"{c}.npy")
+        assert ddp.shape == (3, 1, 16, 16, 16) and np.allclose(ddp, one, atol=1e-5), c
+    done = json.loads((out_dir / "runs" / "standard" / "seed0" / "pretrain" / "done.json").read_text())
+    assert done["n_volumes"] == 6
+    assert [r["protocol"] for r in read_csv(out_dir / "table3.csv")] == ["standard"]
+    assert result.stdout.count("Table 3") <= 1 and len(list(out_dir.rglob("manifest.json"))) == 1

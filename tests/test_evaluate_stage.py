@@ -327,3 +327,69 @@ def test_three_rows_from_diffusion_and_ppo_manifests(experiment, tmp_path: Path,
     evaluate_stage.run(eval_cfg(experiment, *overrides, "stage.seed=1", name="evd"), run_dir)
     assert len(loads) == 4
     assert not np.allclose(standard, np.load(run_dir / "samples" / "standard" / "HGG.npy"))
+
+
+def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path: Path) -> None:
+    """``trainer=ddp_cpu`` through the real CLI: 2 gloo ranks sample and reconstruct interleaved shares
+    (3 volumes per class: 2 on rank 0, 1 on rank 1); rank 0 alone scores and writes, and with deterministic
+    DDIM the volumes equal those of a single process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    from mrrl.manifest import write_manifest
+
+    data_root, run_root = experiment
+    vqgan_ckpt = json.loads((run_root / "ev" / "vqgan" / "manifest.json").read_text())["outputs"]["best_ckpt"]
+    std = tiny_diffusion_ckpt(tmp_path / "ema.pt", vqgan_ckpt, seed=1)
+    write_manifest(run_root / "evr" / "diffusion", "diffusion", {"ema_ckpt": str(std), "best_ckpt": None})
+    overrides = [
+        f"stage.vqgan_ckpt={vqgan_ckpt}",
+        "stage.eta=0.0",
+        "stage.n_per_class=3",
+        "stage.num_steps=3",
+        "stage.sample_batch_size=2",
+        "stage.metrics.extractors=[random3d]",
+        "logger=none",
+    ]
+    single = evaluate_stage.run(eval_cfg(experiment, *overrides, name="evr"), tmp_path / "single")
+
+    cli_args = [
+        "stage=evaluate",
+        "data=brats2019",
+        f"data.root={data_root}",
+        "experiment_name=evr",
+        f"paths.run_root={run_root}",
+        *DATA,
+        "stage.metrics.extractor_options.random2d.slice_size=32",
+        "stage.metrics.batch_size=4",
+        "stage.metrics.diversity_pairs=4",
+        *overrides,
+        "trainer=ddp_cpu",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mrrl", *cli_args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = run_root / "evr" / "evaluate"
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert result.stdout.count("Table 2 (evr") == 1  # rank 0 alone printed the tables
+    assert "evaluate: rank 1 made its share of every row" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["settings"]["ranks"] == 2
+    for model in ("standard", "vqgan"):
+        for c in CLASSES:
+            ddp = np.load(run_dir / "samples" / model / f"{c}.npy")
+            one = np.load(tmp_path / "single" / "samples" / model / f"{c}.npy")
+            assert ddp.shape == one.shape and np.allclose(ddp, one, atol=1e-5), (model, c)
+    fid = json.loads((run_dir / "manifest.json").read_text())["outputs"]["fid"]["random3d"]
+    for model in ("standard", "vqgan"):
+        assert fid[model] == pytest.approx(single["fid"]["random3d"][model], rel=1e-4)

@@ -111,16 +111,19 @@ def test_guard_refuses_reexecuting_ddp_only_inside_multirun(tmp_path: Path) -> N
     for allowed in (
         ["stage=vqgan", "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"],
         ["stage=vqgan", "trainer=ddp_cpu", "trainer.devices=1"],
-        ["stage=evaluate", "trainer=ddp_cpu"],  # no Lightning Trainer: starts no processes
+        ["stage=check_data", "trainer=ddp_cpu"],  # starts no processes
+        ["stage=evaluate", "trainer=ddp_cpu", "trainer.strategy=ddp_spawn"],  # generates in one process
     ):
         check_launch(compose_cfg(allowed, tmp_path), fake_hydra("MULTIRUN"))
     # `auto` with several devices becomes ddp; a stage-level Trainer override counts too.
     for refused in (
         ["trainer=ddp_cpu", "trainer.strategy=auto"],
+        ["stage=evaluate", "trainer=ddp_cpu"],  # shares its sampling over ranks started by Fabric
         ["trainer=cpu", "+stage.trainer.devices=2", "+stage.trainer.strategy=ddp"],
     ):
         with pytest.raises(ConfigError, match="--multirun"):
-            check_launch(compose_cfg(["stage=vqgan", *refused], tmp_path), fake_hydra("MULTIRUN"))
+            args = refused if refused[0].startswith("stage=") else ["stage=vqgan", *refused]
+            check_launch(compose_cfg(args, tmp_path), fake_hydra("MULTIRUN"))
     # Under the submitit SLURM launcher SLURM starts the ranks: plain ddp is right, if the sizes agree.
     check_launch(cfg, fake_hydra("MULTIRUN", SLURM_LAUNCHER, nodes=1, tasks_per_node=2))
     with pytest.raises(ConfigError, match="tasks_per_node=1 but trainer.devices=2"):
@@ -443,7 +446,9 @@ def test_killed_then_terminated_run_resumes_to_the_same_step_count(data_root: Pa
     assert ckpt_state(last) == {"global_step": expected, "generator_steps": expected}
 
 
-def test_sigterm_under_ddp_saves_last_ckpt_and_requeues_the_slurm_job(data_root: Path, tmp_path: Path) -> None:
+def test_sigterm_under_ddp_saves_last_ckpt_and_requeues_the_slurm_job(
+    data_root: Path, tmp_path: Path
+) -> None:
     """Plain ddp (2 gloo ranks) with no periodic checkpoint before the end: SIGTERM to the launching process
     must leave a last.ckpt from which the same command finishes with the step count of an uninterrupted run;
     with SLURM_JOB_ID set, rank 0 (only) calls `scontrol requeue <job>`."""
@@ -465,7 +470,11 @@ def test_sigterm_under_ddp_saves_last_ckpt_and_requeues_the_slurm_job(data_root:
     scontrol = fake_bin / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
-    slurm_env = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    slurm_env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": "0",
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+    }
     run_dir = tmp_path / "ftddp" / "vqgan"
     last, metrics = run_dir / "checkpoints" / "last.ckpt", run_dir / "logs" / "metrics.csv"
 
@@ -474,7 +483,9 @@ def test_sigterm_under_ddp_saves_last_ckpt_and_requeues_the_slurm_job(data_root:
     while not metrics.is_file():  # the CSV logger's first flush: training is under way on both ranks
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no training progress (status {proc.poll()}): {(tmp_path / 'ddp.log').read_text()[-3000:]}")
+            pytest.fail(
+                f"no training progress (status {proc.poll()}): {(tmp_path / 'ddp.log').read_text()[-3000:]}"
+            )
         time.sleep(0.05)
     assert not last.exists()
     proc.send_signal(signal.SIGTERM)

@@ -86,12 +86,16 @@ class ClassifyDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        # Drop a ragged last batch only when a rank gets more than one batch (Lightning's DDP sampler gives
+        # each rank ceil(N / world) items): tiny sets must still train.
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             num_workers=self.num_workers,
-            drop_last=train and len(dataset) > batch_size,
+            drop_last=train and -(-len(dataset) // world) > batch_size,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

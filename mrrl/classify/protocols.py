@@ -26,6 +26,7 @@ from mrrl.evaluation.sources import (
     model_volumes,
     safe_name,
 )
+from mrrl.ranks import RankShard
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class SyntheticVolumes:
         device: torch.device | str = "cpu",
         vqgan_ckpt: str | None = None,
         regenerate: bool = False,
+        shard: RankShard | None = None,
     ):
         self.settings = settings
         self.ctx = VolumeContext(
@@ -132,6 +134,7 @@ class SyntheticVolumes:
             device=device,
             regenerate=regenerate,
             vqgan_ckpt=vqgan_ckpt,
+            shard=shard or RankShard(),
         )
         self.regenerate = regenerate
         self._regenerated: set[str] = set()

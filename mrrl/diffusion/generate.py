@@ -159,6 +159,8 @@ def generate_volumes(
     guidance_scale: float = 1.0,
     quantize: bool = True,
     clamp: tuple[float, float] | None = (-1.0, 1.0),
+    indices: Sequence[int] | None = None,
+    step_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sample one volume per label and decode it: ``[N, C, D, H, W]`` float32 on the CPU.
 
@@ -167,6 +169,10 @@ def generate_volumes(
     ``generator`` up front, so deterministic samplers (DDIM, eta = 0) give the same volumes whatever the
     batch size; stochastic steps draw their noise chunk by chunk. ``clamp`` clips to the data's
     intensity range (None keeps the decoder's raw output).
+
+    ``indices`` makes only those items of the N (a DDP rank's share): the initial noise of all N is still
+    drawn, so with a deterministic sampler every item is the one a single process would make.
+    ``step_generator`` (default ``generator``) draws the stochastic steps' noise; give each rank its own.
     """
     labels = torch.as_tensor(labels).long().cpu()
     if labels.ndim != 1 or labels.numel() == 0:
@@ -178,6 +184,12 @@ def generate_volumes(
     device = denoiser.device
     noise_device = generator.device if generator is not None else device
     noise = randn((labels.numel(), *latent_shape), generator, noise_device, denoiser.latent_dtype)
+    if indices is not None:
+        picked = torch.as_tensor(list(indices), dtype=torch.long)
+        if picked.numel() == 0:
+            return torch.empty((0,))
+        labels, noise = labels[picked], noise[picked.to(noise.device)]
+    step_generator = generator if step_generator is None else step_generator
     volumes = []
     for start in range(0, labels.numel(), batch_size):
         chunk = slice(start, start + batch_size)
@@ -187,7 +199,7 @@ def generate_volumes(
             num_steps,
             sampler=sampler,
             eta=eta,
-            generator=generator,
+            generator=step_generator,
             guidance_scale=guidance_scale,
             noise=noise[chunk],
         )

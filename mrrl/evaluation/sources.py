@@ -13,6 +13,11 @@ sidecar holding everything that decides them (checkpoint identity, sampler setti
 rerun with the same settings loads them instead of sampling again. The sidecar is deleted before the
 array is replaced and written after it, so a crash in between can never pair new settings with old
 volumes.
+
+Under DDP (``VolumeContext.shard``) every rank samples or reconstructs an interleaved share of each class
+(:mod:`mrrl.ranks`); the shares are gathered on every rank and rank 0 alone writes the cache. With a
+deterministic sampler the volumes are the ones a single process makes; stochastic steps draw their noise
+from a per-rank stream, so the world size is then part of the cache key.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import manifest_path, read_manifest
+from mrrl.ranks import RankShard
 from mrrl.utils.io import atomic_save_npy, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -129,6 +135,7 @@ class VolumeContext:
     regenerate: bool = False
     vqgan_ckpt: str | None = None  # the experiment's VQGAN: decodes samples of checkpoints that name none
     reconstruction_batch_size: int = 2
+    shard: RankShard = field(default_factory=RankShard)  # this process among the DDP ranks (one by default)
 
 
 @dataclass
@@ -223,21 +230,33 @@ def _normalise(key: Mapping[str, Any]) -> Any:
 
 
 def cached_volumes(
-    path: Path, key: Mapping[str, Any], compute: Callable[[], torch.Tensor], regenerate: bool = False
+    path: Path,
+    key: Mapping[str, Any],
+    compute: Callable[[], torch.Tensor],
+    regenerate: bool = False,
+    shard: RankShard | None = None,
 ) -> tuple[torch.Tensor, bool]:
-    """``(volumes, reused)``: the cached ``path`` if its sidecar matches ``key``; else computed and saved."""
+    """``(volumes, reused)``: the cached ``path`` if its sidecar matches ``key``; else computed and saved.
+
+    Under DDP, rank 0's verdict on the cache holds for every rank (they compute together or not at all),
+    ``compute`` returns the gathered volumes on every rank, and only rank 0 writes.
+    """
+    shard = shard or RankShard()
     sidecar = path.with_suffix(".json")
     key = _normalise(key)
-    if not regenerate and path.is_file() and sidecar.is_file():
+    hit = False
+    if shard.is_zero and not regenerate and path.is_file() and sidecar.is_file():
         try:
-            if json.loads(sidecar.read_text()) == key:
-                return torch.from_numpy(np.load(path)), True
+            hit = json.loads(sidecar.read_text()) == key
         except (OSError, ValueError):
-            pass  # unreadable: regenerate
+            hit = False  # unreadable: regenerate
+    if shard.agree(hit):
+        return torch.from_numpy(np.load(path)), True
     volumes = compute().detach().float().cpu().contiguous()
-    sidecar.unlink(missing_ok=True)
-    atomic_save_npy(path, volumes.numpy())
-    atomic_write_json(sidecar, key)
+    if shard.is_zero:
+        sidecar.unlink(missing_ok=True)
+        atomic_save_npy(path, volumes.numpy())
+        atomic_write_json(sidecar, key)
     return volumes, False
 
 
@@ -310,10 +329,13 @@ def _reconstructions(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
         def compute(c: str = c) -> torch.Tensor:
             nonlocal net
             net = net if net is not None else load_vqgan(spec.source, ctx.device)
-            return reconstruct(net, ctx.real[c], ctx.reconstruction_batch_size, ctx.device)
+            real, n = ctx.real[c], len(ctx.real[c])
+            share = real[ctx.shard.indices(n)]
+            made = reconstruct(net, share, ctx.reconstruction_batch_size, ctx.device) if len(share) else share
+            return ctx.shard.gather(made, n)
 
         path = ctx.samples_dir / spec.key / f"{safe_name(c)}.npy"
-        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate)
+        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate, ctx.shard)
     return result
 
 
@@ -328,8 +350,11 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
     settings = ctx.settings
     generator_fn = None
     result = VolumeSet({})
+    world = ctx.shard.world
     for index, c in enumerate(ctx.class_names):
         key = {"model": spec.identity(), "class": c, "class_index": index, **settings.cache_key()}
+        if settings.stochastic and world > 1:
+            key["ranks"] = world  # per-rank step noise: another world size is another sample set
 
         def compute(index: int = index) -> torch.Tensor:
             nonlocal generator_fn
@@ -337,12 +362,17 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
                 generator_fn = load_sampler(spec.source, ctx)
             # One CPU generator per class, seeded from (seed, class): adding classes or changing the batch
             # size leaves every other sample unchanged, and the standard and RL rows start from the same
-            # noise, so their difference is the fine-tuning's alone.
-            gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
-            return generator_fn(index, settings.n_per_class, gen).float().clamp(-1, 1)
+            # noise, so their difference is the fine-tuning's alone. Under DDP every rank draws the
+            # whole class's initial noise and samples its share of it.
+            seed = settings.seed * 1_000_003 + index
+            gen = torch.Generator().manual_seed(seed)
+            steps = torch.Generator().manual_seed(seed * 7919 + ctx.shard.rank) if world > 1 else None
+            n, share = settings.n_per_class, ctx.shard.indices(settings.n_per_class)
+            made = generator_fn(index, n, gen, share, steps) if share else torch.empty(0)
+            return ctx.shard.gather(made.float().clamp(-1, 1), n)
 
         path = ctx.samples_dir / spec.key / f"{safe_name(c)}.npy"
-        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate)
+        result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate, ctx.shard)
         if tuple(result.volumes[c].shape[1:]) != tuple(ctx.image_shape):
             raise ConfigError(
                 f"{spec.label} ({spec.source}) generates volumes of shape "
@@ -352,8 +382,9 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
     return result
 
 
-def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[[int, int, torch.Generator], torch.Tensor]:
-    """``fn(class_index, n, generator) -> decoded volumes`` for a diffusion (or PPO) checkpoint.
+def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[..., torch.Tensor]:
+    """``fn(class_index, n, generator, indices=None, step_generator=None) -> decoded volumes`` for a
+    diffusion (or PPO) checkpoint (``indices``: the items of the n to make, see ``generate_volumes``).
 
     Samples are decoded by the VQGAN the checkpoint names (its latents are that VQGAN's); only when that
     file is gone is the experiment's VQGAN used, with a warning.
@@ -383,7 +414,13 @@ def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[[int, int, torch.Gen
     if quantize is None:
         quantize = bool((loaded.hparams.get("sampling") or {}).get("decode_quantize", True))
 
-    def generate(index: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    def generate(
+        index: int,
+        n: int,
+        generator: torch.Generator,
+        indices: Sequence[int] | None = None,
+        step_generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         return generate_volumes(
             loaded.denoiser,
             vqgan,
@@ -397,6 +434,8 @@ def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[[int, int, torch.Gen
             generator=generator,
             guidance_scale=settings.guidance_scale,
             quantize=quantize,
+            indices=indices,
+            step_generator=step_generator,
         )
 
     return generate

@@ -9,7 +9,8 @@ A 3D ResNet (MONAI, ``stage.arch``) classifies the real **test** split after eac
 
 Each protocol runs once per seed of ``stage.seeds`` (see :mod:`mrrl.classify.runner` for the per-run
 folders, resume and skipping); synthetic volumes are sampled once per generator, before any training,
-and cached in ``<run_dir>/synthetic/``. A protocol whose generator does not exist yet (no ppo manifest)
+and cached in ``<run_dir>/synthetic/``; under ``trainer=ddp`` the ranks (started here, before sampling, and
+reused by every Trainer) share the sampling and each gets all volumes (:mod:`mrrl.ranks`). A protocol whose generator does not exist yet (no ppo manifest)
 is reported as missing and the others run. Outputs: ``table3.md``, ``table3.csv`` (accuracy, F1, AUC as
 mean ± sample std over seeds), ``per_seed.csv``, ``metrics.json`` and the manifest. Rerunning rebuilds the
 tables from the finished runs' stored test predictions and trains only what is missing or stale.
@@ -34,14 +35,9 @@ from mrrl.classify.report import write_tables
 from mrrl.classify.runner import RunContext, choose_monitor, data_identity, execute, finished_result, run_key
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
+from mrrl.ranks import RankShard, generation_device, launch_ranks
 from mrrl.runtime import build_datamodule
 from mrrl.utils.io import atomic_write_json
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
@@ -136,6 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if not protocols:
         raise ManifestError("no protocol to run:\n  " + "\n  ".join(missing.values()))
     datamodule, train_set, val_set, test_set, positive = load_splits(cfg)
+    fabric = launch_ranks(cfg)  # None in one process (and under ddp_spawn: its Trainers spawn the ranks)
 
     settings = generation_settings(stage)
     data_id = data_identity(datamodule)
@@ -148,7 +145,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     ]
     force = bool(stage.get("force", False))
     done = {} if force else {(r.protocol.key, r.seed): finished_result(r.dir, r.key) for r in plan}
-    device = _device(cfg)
+    device = generation_device(cfg, fabric)
     synthetic = SyntheticSlot(
         SyntheticVolumes(
             datamodule.class_names,
@@ -158,6 +155,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             device,
             vqgan_ckpt=vqgan,
             regenerate=bool(stage.get("regenerate", False)),
+            shard=RankShard(fabric),
         )
     )
     # Sample (or find in the cache) every generator that still has runs to do, before any training:

@@ -14,10 +14,11 @@ manifest. A finished evaluation is skipped when its inputs (checkpoints, setting
 
 With ``logger=wandb`` the FID values, the table and the figures also go to W&B.
 
-Distributed: the evaluation runs in one process on one device (the first GPU unless
-``trainer.accelerator=cpu``; no Lightning Trainer, so ``trainer=ddp`` starts no extra processes).
-Launched on several ranks (torchrun, SLURM tasks), ranks other than 0 return at once and write nothing;
-sharding the sampling over ranks is not implemented yet.
+Distributed: under a multi-device ``trainer`` (``trainer=ddp``: 4 GPUs) the ranks share the sampling and
+the reconstructions of every row (:mod:`mrrl.ranks`; deterministic DDIM gives the volumes one process
+would), and rank 0 alone extracts features, scores and writes. With one device it runs in one process
+(the first GPU unless ``trainer.accelerator=cpu``); extra ranks started outside such a config (torchrun
+with ``trainer.devices=1``) return at once and write nothing.
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ from mrrl.evaluation.sources import (
     GenerationSettings,
     ModelSpec,
     VolumeContext,
+    VolumeSet,
     discover_models,
     model_volumes,
 )
 from mrrl.evaluation.tables import gap_closed, render_markdown, write_csv, write_figures
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
+from mrrl.ranks import RankShard, generation_device, launch_ranks
 from mrrl.runtime import build_datamodule, build_loggers
+from mrrl.stages.common import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
@@ -63,12 +67,6 @@ def process_rank() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
-
-
-def eval_device(cfg: DictConfig) -> torch.device:
-    if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def load_real_sets(datamodule, split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -122,8 +120,10 @@ def _finite_or_none(obj: Any) -> Any:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    if process_rank() != 0:
-        print(f"evaluate: rank {process_rank()} idle (the evaluation runs on rank 0)")
+    fabric = launch_ranks(cfg)
+    shard = RankShard(fabric)
+    if fabric is None and process_rank() != 0:
+        print(f"evaluate: rank {process_rank()} idle (trainer.devices=1: the evaluation runs on rank 0)")
         return None
     run_dir = Path(run_dir)
     specs, missing = discover_models(cfg)
@@ -136,11 +136,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if not specs:
         raise ManifestError("nothing to evaluate:\n  " + "\n  ".join(missing.values()))
 
-    device = eval_device(cfg)
+    device = generation_device(cfg, fabric)
     datamodule = build_datamodule(cfg).prepare()
     split = str(cfg.stage.get("split", "test"))
     real, real_ids = load_real_sets(datamodule, split)
-    scorer = Scorer.build(cfg, datamodule, split, real, real_ids, device)
     ctx = VolumeContext(
         class_names=datamodule.class_names,
         real=real,
@@ -152,16 +151,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         regenerate=bool(cfg.stage.get("regenerate", False)),
         vqgan_ckpt=next((s.source for s in specs if s.key == "vqgan"), None),
         reconstruction_batch_size=int(cfg.stage.get("reconstruction_batch_size", 2)),
+        shard=shard,
     )
+    made = make_rows_on_all_ranks(specs, ctx) if shard.world > 1 else {}
+    if not shard.is_zero:
+        print(f"evaluate: rank {shard.rank} made its share of every row; rank 0 scores and writes")
+        return None
+
+    scorer = Scorer.build(cfg, datamodule, split, real, real_ids, device)
     n_fig = int(cfg.stage.get("figure_volumes", 2))
     models, scores, previews = [], [], {}
     for spec in specs:
-        model, rows, volumes = evaluate_row(spec, ctx, scorer)
+        model, rows, volumes = evaluate_row(spec, ctx, scorer, made.get(spec.key))
         models.append(model)
         scores += rows
         previews[spec.label] = {c: v[:n_fig] for c, v in volumes.items()}
 
-    results = collect_results(cfg, datamodule, split, models, missing, scores, scorer, ctx)
+    results = collect_results(cfg, datamodule, split, models, missing, scores, scorer, ctx, shard.world)
     results["real"]["diversity"] = scorer.diversity(real)
     results = _finite_or_none(results)
     outputs = write_outputs(cfg, run_dir, results, {c: v[:n_fig] for c, v in real.items()}, previews)
@@ -220,10 +226,28 @@ class Scorer:
         return diversity_by_class(volumes, self.diversity_pairs, self.seed, self.batch_size, self.device)
 
 
-def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer):
-    """``(model summary, score rows, volumes per class)`` of one row."""
+def make_rows_on_all_ranks(specs, ctx: VolumeContext) -> dict[str, VolumeSet]:
+    """DDP: every rank makes its share of every row (rank 0 writes the sample caches); then the ranks part.
+
+    Scoring comes after, on rank 0 alone, from the caches: the metrics (MONAI's MS-SSIM, torchmetrics)
+    would otherwise try to synchronise with ranks that are done.
+    """
+    made = {}
+    for spec in specs:
+        if spec.kind != "volumes":  # volume files are only read, by rank 0 when it scores
+            produced = model_volumes(spec, ctx)
+            made[spec.key] = VolumeSet({}, produced.reused, produced.seconds)
+    release_process_group()
+    ctx.shard, ctx.regenerate = RankShard(), False  # from here on: one process, reading the caches
+    return made
+
+
+def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer, made: VolumeSet | None = None):
+    """``(model summary, score rows, volumes per class)`` of one row (``made``: how DDP ranks made it)."""
     t0 = time.monotonic()
     produced = model_volumes(spec, ctx)
+    if made is not None:
+        produced.reused, produced.seconds = made.reused, made.seconds
     rows = [{"model": spec.key, "model_label": spec.label, **r} for r in scorer.scores(produced.volumes)]
     model = {
         "key": spec.key,
@@ -241,7 +265,9 @@ def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer):
     return model, rows, produced.volumes
 
 
-def collect_results(cfg, datamodule, split, models, missing, scores, scorer: Scorer, ctx) -> dict[str, Any]:
+def collect_results(
+    cfg, datamodule, split, models, missing, scores, scorer: Scorer, ctx, ranks: int = 1
+) -> dict[str, Any]:
     """Everything for ``metrics.json`` and the tables (see :mod:`mrrl.evaluation.tables`)."""
     cols = [*datamodule.class_names, "All"]
     fid: dict[str, dict[str, dict[str, float]]] = {}
@@ -267,6 +293,7 @@ def collect_results(cfg, datamodule, split, models, missing, scores, scorer: Sco
             "generation": {**ctx.settings.cache_key(), "batch_size": ctx.settings.batch_size},
             "metrics": OmegaConf.to_container(cfg.stage.metrics, resolve=True),
             "device": str(ctx.device),
+            "ranks": ranks,
         },
     }
 

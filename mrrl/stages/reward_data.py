@@ -33,6 +33,7 @@ from mrrl.errors import ConfigError, ManifestError
 from mrrl.latents import load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.metrics import FeatureStatistics, RealStatsCache, build_extractor, compute_statistics
+from mrrl.ranks import gather_share, generation_device, launch_ranks
 from mrrl.reward.dataset import RewardDatasetWriter, group_name
 from mrrl.reward.maps import fid_to_reward
 from mrrl.runtime import build_datamodule
@@ -187,36 +188,6 @@ class GroupGenerator:
         return torch.cat(out)
 
 
-def launch_ranks(cfg: DictConfig):
-    """Under a multi-device ``trainer`` (e.g. ``trainer=ddp``), start the ranks with Lightning Fabric."""
-    kwargs = {k: cfg.trainer.get(k) for k in ("accelerator", "devices", "num_nodes", "strategy")}
-    devices = kwargs["devices"]
-    if (isinstance(devices, int) and devices > 1) or int(kwargs["num_nodes"] or 1) > 1:
-        import lightning as L
-
-        fabric = L.Fabric(**kwargs)
-        fabric.launch()
-        return fabric
-    return None
-
-
-def gather_share(fabric, volumes: torch.Tensor, sources: Sequence[str], n: int):
-    """All ranks' shares in index order (rank r made indices r, r + world, ...); volumes end up on the CPU."""
-    if fabric is None:
-        return volumes, list(sources)
-    import torch.distributed as dist
-
-    world = fabric.world_size
-    chunk = -(-n // world)
-    padded = torch.zeros((chunk, *volumes.shape[1:]), dtype=volumes.dtype)
-    padded[: len(volumes)] = volumes
-    gathered = fabric.all_gather(padded.to(fabric.device)).cpu()  # [world, chunk, ...]
-    names: list[list[str]] = [[] for _ in range(world)]
-    dist.all_gather_object(names, list(sources))
-    order = sorted((index, rank, k) for rank in range(world) for k, index in enumerate(range(rank, n, world)))
-    return torch.stack([gathered[r, k] for _, r, k in order]), [names[r][k] for _, r, k in order]
-
-
 def _load_fids(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -289,12 +260,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     diffusion_ckpt, vqgan_ckpt = resolve_checkpoints(cfg)
     fabric = launch_ranks(cfg)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
-    if fabric is not None:
-        device = fabric.device
-    else:
-        device = torch.device(
-            "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
-        )
+    device = generation_device(cfg, fabric)
     loaded = load_diffusion(diffusion_ckpt, use_ema=True, device=device)
     if list(loaded.class_names) != datamodule.class_names:
         raise ConfigError(
