@@ -29,7 +29,11 @@ CONFIG_DIR = find_config_dir()
 
 
 def run_stage(cfg: DictConfig):
-    """Seed, pick the run directory, run the stage; user errors become one message and exit status 1."""
+    """Seed, pick the run directory, run the stage; user errors become one message and exit status 1.
+
+    Returns the stage's outputs, or with ``objective=<dotted key>`` that one metric as a float, which is what
+    Hydra's Optuna sweeper optimises (``mrrl/objective.py``).
+    """
     from mrrl.distributed import begin_stage
     from mrrl.errors import MrrlError
     from mrrl.runtime import run_dir_from_hydra, seed_everything
@@ -44,7 +48,16 @@ def run_stage(cfg: DictConfig):
     seed_everything(cfg.seed)
     try:
         stage = get_stage(cfg.stage.name)
-        return stage(cfg, run_dir)
+        if cfg.get("objective") is None:
+            return stage(cfg, run_dir)
+        from mrrl.distributed import hydra_config
+        from mrrl.objective import check_objective, objective_value
+
+        check_objective(cfg)
+        outputs = stage(cfg, run_dir)
+        hydra = hydra_config()
+        overrides = list(hydra.overrides.task) if hydra is not None else []
+        return objective_value(cfg, outputs, run_dir, overrides)
     except MrrlError as exc:
         print(f"mrrl: error: {exc}", file=sys.stderr)
         log.debug("details", exc_info=True)
