@@ -3,11 +3,14 @@
 Each stage runs as its own ``python -m mrrl stage=<name>`` process (a clean process per stage, and
 Lightning's DDP can re-execute it), finds its inputs in the previous stages' manifests, is skipped when
 its manifest says it finished (unless ``pipeline.force=true``) and resumes from its last checkpoint when
-it was interrupted.
+it was interrupted. Stop signals sent to the pipeline (SIGTERM from ``kill`` or ``docker stop``, SIGINT,
+SLURM's SIGUSR1 warning) are passed on to the running stage, which saves its checkpoint and exits; the
+pipeline then exits with the stage's status.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -49,17 +52,44 @@ def run_pipeline(overrides: Sequence[str]) -> int:
             continue
         t0 = time.monotonic()
         print(f"{prefix} running ...", flush=True)
-        result = subprocess.run([sys.executable, "-m", "mrrl", f"stage={stage}", *stage_overrides])
+        status = run_child([sys.executable, "-m", "mrrl", f"stage={stage}", *stage_overrides])
         elapsed = _format_elapsed(time.monotonic() - t0)
-        if result.returncode != 0:
-            print(f"{prefix} FAILED after {elapsed} (exit {result.returncode}); rerun to resume", flush=True)
-            return result.returncode
+        if status != 0:
+            print(f"{prefix} FAILED after {elapsed} (exit {status}); rerun to resume", flush=True)
+            return status
         print(f"{prefix} done in {elapsed}", flush=True)
     print(f"mrrl-pipeline: all stages done in {_format_elapsed(time.monotonic() - start)}", flush=True)
     from mrrl.report import write_report
 
     print(f"mrrl-pipeline: report {write_report(experiment_dir)}", flush=True)
     return 0
+
+
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def run_child(command: Sequence[str]) -> int:
+    """Run one stage process; stop signals that reach this process are passed on to it.
+
+    Without this, ``kill <pipeline>`` would leave the stage running without its parent, and SLURM's
+    ``--signal=USR1@…`` warning (whose default action is to terminate) would end the pipeline alone.
+    Returns the stage's exit status (128 + signal number when a signal ended it, as a shell reports it).
+    """
+    child = subprocess.Popen(list(command))
+
+    def forward(signum: int, frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - status if status < 0 else status
 
 
 def main(argv: Sequence[str] | None = None) -> None:

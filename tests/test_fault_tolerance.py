@@ -208,3 +208,51 @@ def test_other_errors_do_not_overwrite_the_resume_point(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.fit(module)
     assert not ckpt.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+log = Path(sys.argv[1])
+def note(signum, frame):
+    with log.open("a") as f:
+        f.write(f"{signum}\\n")
+    if signum == signal.SIGTERM:
+        sys.exit(143)
+signal.signal(signal.SIGTERM, note)
+signal.signal(signal.SIGUSR1, note)
+log.write_text("ready\\n")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_pipeline_passes_stop_signals_on_to_the_running_stage(tmp_path: Path) -> None:
+    """SIGUSR1 (SLURM's warning) and SIGTERM sent to ``mrrl-pipeline`` reach the stage process; the
+    pipeline survives SIGUSR1 (whose default action would end it) and exits with the stage's status."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "child.log"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mrrl.pipeline import run_child; "
+            f"sys.exit(run_child([sys.executable, '-c', {CHILD!r}, {str(log)!r}]))",
+        ]
+    )
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and log.read_text().startswith("ready")):
+        assert time.monotonic() < deadline and parent.poll() is None, "the stage process did not start"
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGUSR1)
+    while str(int(signal.SIGUSR1)) not in log.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "SIGUSR1 was not passed on"
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 143
+    assert log.read_text().split() == ["ready", str(int(signal.SIGUSR1)), str(int(signal.SIGTERM))]
