@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mrrl.data.datamodule import TrainAugment
+from mrrl.data.train_val import TrainValDataModule
 
 
 def build_augment(augment: Mapping[str, Any] | None) -> TrainAugment | None:
@@ -65,45 +65,9 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> list[floa
     return [total / (num_classes * float(c)) if c > 0 else 1.0 for c in counts]
 
 
-class ClassifyDataModule(L.LightningDataModule):
+class ClassifyDataModule(TrainValDataModule):
     """Train (shuffled; last incomplete batch dropped) and optional validation datasets.
 
     The drop matters: with small volumes the ResNet's last stages are 1 voxel wide, and BatchNorm fails
     on a training batch of one such sample.
     """
-
-    def __init__(
-        self,
-        train_set: Dataset,
-        val_set: Dataset | None,
-        batch_size: int,
-        eval_batch_size: int,
-        num_workers: int = 0,
-    ):
-        super().__init__()
-        self.train_set, self.val_set = train_set, val_set
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers = int(num_workers)
-
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        # Drop a ragged last batch only when a rank gets more than one batch (Lightning's DDP sampler gives
-        # each rank ceil(N / world) items): tiny sets must still train.
-        trainer = getattr(self, "trainer", None)
-        world = trainer.world_size if trainer is not None else 1
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            drop_last=train and -(-len(dataset) // world) > batch_size,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
-        return self._loader(self.val_set, self.eval_batch_size, train=False)

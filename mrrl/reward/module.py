@@ -8,12 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
 from torchmetrics.regression import SpearmanCorrCoef
 
+from mrrl.data.train_val import TrainValDataModule
 from mrrl.errors import ConfigError
-from mrrl.reward.dataset import RewardDataset
 from mrrl.reward.losses import RANKING_LOSSES, PairwiseRankingAccuracy, pairwise_ranking_loss
 from mrrl.reward.models import build_reward_net
 
@@ -126,36 +125,5 @@ class RewardModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
 
 
-class RewardDataModule(L.LightningDataModule):
+class RewardDataModule(TrainValDataModule):
     """Train/val subsets of a reward dataset (volumes shuffled every epoch, so batches mix groups)."""
-
-    def __init__(
-        self,
-        train_set: RewardDataset,
-        val_set: RewardDataset,
-        batch_size: int,
-        eval_batch_size: int,
-        num_workers: int = 0,
-    ):
-        super().__init__()
-        self.train_set, self.val_set = train_set, val_set
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers = int(num_workers)
-
-    def _loader(self, dataset: RewardDataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            # A last batch of one volume breaks BatchNorm; dropping it loses nothing (reshuffled each epoch).
-            drop_last=train and len(dataset) > batch_size,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
