@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mrrl.cli import CONFIG_DIR
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TINY_DATA = [
     "data.image_size=16",
@@ -96,3 +101,18 @@ def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 1
     diff_path = root / "diffusion.ckpt"
     torch.save({"hyper_parameters": dict(diff.hparams), "state_dict": diff.state_dict()}, diff_path)
     return {"vqgan": str(vq_path), "diffusion": str(diff_path)}
+
+
+def run_mrrl(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -m mrrl <args>`` in a fresh process (the real CLI: Hydra, DDP re-execution), output captured."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mrrl", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cfg
+from helpers import compose_cfg, run_mrrl
 
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
@@ -368,12 +368,6 @@ def test_two_ranks_share_the_sampling_then_train_together(base, tmp_path: Path) 
     """``trainer=ddp_cpu`` through the real CLI: Fabric starts the 2 gloo ranks before sampling, they share
     each class's volumes (deterministic DDIM: the ones a single process makes), and the classifier Trainers
     run on the same two ranks; one table, written by rank 0."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
     publish(base, "ddp1", "diffusion")
     publish(base, "ddp2", "diffusion")
     args = ["stage.seeds=[0]", "stage.protocols=[standard]", *SAMPLING, "stage.eta=0.0", "logger=none"]
@@ -386,15 +380,7 @@ def test_two_ranks_share_the_sampling_then_train_together(base, tmp_path: Path) 
         "experiment_name=ddp2",
         f"paths.run_root={base['runs']}",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mrrl", *cli_args, *args, "trainer=ddp_cpu"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = run_mrrl(*cli_args, *args, "trainer=ddp_cpu", env={"OMP_NUM_THREADS": "1"}, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out_dir = run_dir(base, "ddp2")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (out_dir / "train_ddp_process_1.log").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg
+from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl
 
 import mrrl.evaluation.scores as scores_module
 from mrrl.errors import ConfigError, ManifestError
@@ -333,12 +333,6 @@ def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path
     """``trainer=ddp_cpu`` through the real CLI: 2 gloo ranks sample and reconstruct interleaved shares
     (3 volumes per class: 2 on rank 0, 1 on rank 1); rank 0 alone scores and writes, and with deterministic
     DDIM the volumes equal those of a single process."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
     from mrrl.manifest import write_manifest
 
     data_root, run_root = experiment
@@ -369,15 +363,7 @@ def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path
         *overrides,
         "trainer=ddp_cpu",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mrrl", *cli_args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_mrrl(*cli_args, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = run_root / "evr" / "evaluate"
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, make_brats
-from helpers import compose_cfg, stage_dir, tiny_checkpoints
+from conftest import make_brats
+from helpers import compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -53,15 +51,7 @@ def data_args(root: Path) -> list[str]:
 
 
 def mrrl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "mrrl", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_mrrl(*args, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------- no plugin needed

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_brats
-from helpers import TINY_DATA, compose_cfg, stage_dir, tiny_checkpoints
+from helpers import TINY_DATA, compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.reward.dataset import load_reward_dataset
@@ -111,11 +111,6 @@ def test_bad_steps_and_missing_inputs_are_clear_errors(setup: dict, tmp_path: Pa
 def test_two_ranks_share_the_generation_and_rank_zero_writes(setup: dict, tmp_path: Path) -> None:
     """``trainer=ddp_cpu``: two gloo processes through the real CLI, each making half of every group."""
     import csv
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
 
     args = [
         "stage=reward_data",
@@ -132,15 +127,7 @@ def test_two_ranks_share_the_generation_and_rank_zero_writes(setup: dict, tmp_pa
         f"paths.run_root={tmp_path}",
         "experiment_name=ddp",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mrrl", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_mrrl(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp" / "reward_data"
     manifest = json.loads((run_dir / "manifest.json").read_text())

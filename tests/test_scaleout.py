@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO_ROOT, make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, stage_dir
+from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl, stage_dir
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -71,15 +71,7 @@ def tiny_args(data_root: Path, run_root: Path | None, *extra: str) -> list[str]:
 
 
 def mrrl(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mrrl", *args],
-        cwd=REPO_ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_mrrl(*args, env=env, timeout=timeout)
 
 
 def ckpt_state(path: Path) -> dict[str, int]:
