@@ -8,10 +8,15 @@ Peak memory of a measured section:
   CPU allocations are invisible to ``tracemalloc``, so RSS is the honest number; it includes the Python
   interpreter and the imported libraries, which is why every case runs in a fresh child process and the
   table also shows the growth over the RSS at the start of the section.
+  glibc keeps freed heap memory, so the CPU peak also depends on what ran before the section; for peaks
+  that follow the live tensors (reproducible to ~1 MiB, what the speed-option comparisons need), run with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment: every allocation of 64 KiB or more is then mapped
+  and unmapped on its own. Steps get slower that way, so take times from runs without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import resource
@@ -26,6 +31,55 @@ import torch
 
 MIB = 1024 * 1024
 JSON_PREFIX = "BENCHMARK_RESULT "
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--channels-last``, ``--grad-ckpt``, ``--compile [BACKEND]``, ``--compile-mode``: the ``stage.speed``
+    options (``mrrl/nets/speed.py``), applied through the stage's own module."""
+    group = parser.add_argument_group("speed options (stage.speed)")
+    group.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels_last_3d weights and inputs (speed.channels_last)",
+    )
+    group.add_argument(
+        "--grad-ckpt",
+        action="store_true",
+        help="activation checkpointing of the trained network (speed.gradient_checkpointing)",
+    )
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the trained network (speed.compile); BACKEND default inductor, or aot_eager, eager",
+    )
+    group.add_argument(
+        "--compile-mode", default="default", help="torch.compile mode (inductor only), e.g. max-autotune"
+    )
+
+
+def speed_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``stage.speed`` block the flags of :func:`add_speed_arguments` ask for."""
+    return {
+        "channels_last": bool(args.channels_last),
+        "gradient_checkpointing": bool(args.grad_ckpt),
+        "compile": {
+            "enabled": args.compile is not None,
+            "backend": args.compile or "inductor",
+            "mode": args.compile_mode,
+        },
+    }
+
+
+def speed_label(args: argparse.Namespace) -> str:
+    """A short description of the speed flags for a table title ("baseline" when none is set)."""
+    parts = (["channels-last"] if args.channels_last else []) + (["grad-ckpt"] if args.grad_ckpt else [])
+    if args.compile is not None:
+        mode = "" if args.compile_mode == "default" else f" {args.compile_mode}"
+        parts.append(f"compile {args.compile}{mode}")
+    return ", ".join(parts) or "baseline"
 
 
 def device_name(device: torch.device) -> str:

@@ -9,10 +9,17 @@
     steps at the sampling batch size. DDPM over all 1000 training timesteps needs ``steps_offset=0``
     (the stage default, 1, allows at most 999 steps), so that run uses the same weights with that schedule.
 
+Speed flags (``stage.speed`` of the diffusion stage, see ``mrrl/nets/speed.py``), applied through
+``DiffusionModule``: ``--channels-last`` (UNet and EMA copy), ``--grad-ckpt`` (the UNet's down/mid/up blocks),
+``--compile [BACKEND]`` (the trained UNet; the untimed warm-up steps absorb the compilation, and the sampling
+cases use the uncompiled EMA copy). Each training case also reports its peak memory (see ``_common.py``);
+``--skip-sampling`` leaves out (b). Run once per setting and compare.
+
 Not a test. Examples::
 
     python benchmarks/diffusion_throughput.py --preset tiny --device cpu
     python benchmarks/diffusion_throughput.py --preset paper --device cuda --batch 16 --sample-batch 128
+    python benchmarks/diffusion_throughput.py --preset paper --device cuda --precision bf16 --channels-last --skip-sampling
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import PeakMemory, add_speed_arguments, speed_config, speed_label
 
 from mrrl.diffusion import DenoiserModel
 from mrrl.diffusion.generate import generate_volumes
@@ -81,6 +89,8 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="torch CPU threads (0: leave as is; on a shared CPU 1 avoids OpenMP stalls)",
     )
+    parser.add_argument("--skip-sampling", action="store_true", help="time training only")
+    add_speed_arguments(parser)
     return parser.parse_args()
 
 
@@ -102,7 +112,7 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: in
 
 
 def build(
-    preset: dict, image_size: int, device: torch.device
+    preset: dict, image_size: int, device: torch.device, speed: dict | None = None
 ) -> tuple[VQGAN, DiffusionModule, tuple[int, ...]]:
     vqgan = (
         VQGAN(
@@ -136,6 +146,7 @@ def build(
         },
         ema={"decay": 0.9999},
         optim={"lr": 1e-4},
+        speed=speed,
     ).to(device)
     module.set_scale_factor(1.0)
     return vqgan, module, latent_shape
@@ -152,8 +163,9 @@ def write_volumes(folder: Path, count: int, size: int) -> list[Path]:
 
 def training_cases(
     args, vqgan: VQGAN, module: DiffusionModule, volume_files: list[Path], device: torch.device
-) -> dict[str, float]:
-    """Seconds per optimiser step, from the latent cache and through the VQGAN encoder."""
+) -> dict[str, tuple[float, dict]]:
+    """(seconds per optimiser step, peak memory incl. the warm-up steps), from the latent cache and through
+    the VQGAN encoder."""
     pool = len(volume_files)
     with torch.no_grad():
         latents = torch.cat(
@@ -193,11 +205,13 @@ def training_cases(
             z = vqgan.encode(volumes.to(device, non_blocking=True))
         train_on(z.float(), labels[idx].to(device))
 
+    def measured(fn: Callable[[], None]) -> tuple[float, dict]:
+        memory = PeakMemory(device).start()
+        seconds = timed(fn, device, args.train_steps, args.warmup)
+        return seconds, {**memory.stop(), "method": memory.method}
+
     module.train()
-    return {
-        "cached latents": timed(cached, device, args.train_steps, args.warmup),
-        "VQGAN encode on the fly": timed(on_the_fly, device, args.train_steps, args.warmup),
-    }
+    return {"cached latents": measured(cached), "VQGAN encode on the fly": measured(on_the_fly)}
 
 
 def sampling_cases(args, vqgan: VQGAN, module: DiffusionModule, latent_shape, device) -> dict[str, float]:
@@ -250,25 +264,31 @@ def main() -> None:
         preset["attention"] = [False] * (len(args.unet_channels) - 1) + [True]
     device = torch.device(args.device)
     torch.manual_seed(0)
-    vqgan, module, latent_shape = build(preset, args.image_size, device)
+    vqgan, module, latent_shape = build(preset, args.image_size, device, speed_config(args))
     params = sum(p.numel() for p in module.denoiser.parameters()) / 1e6
     vq_params = sum(p.numel() for p in vqgan.parameters()) / 1e6
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"{args.precision}, volumes {args.image_size}³ -> latents {list(latent_shape)}, "
         f"UNet {preset['unet_channels']} {params:.2f} M params, VQGAN {preset['vq_channels']} {vq_params:.2f} M, "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}; speed: {speed_label(args)}"
     )
     with tempfile.TemporaryDirectory() as folder:
         volume_files = write_volumes(Path(folder), 4 * args.batch, args.image_size)
         train = training_cases(args, vqgan, module, volume_files, device)
-    sampling = sampling_cases(args, vqgan, module, latent_shape, device)
-    print(f"\n(a) training, batch {args.batch}, {args.train_steps} timed steps")
-    print(f"{'case':<28}{'s/step':>10}{'steps/s':>10}")
-    for name, seconds in train.items():
-        print(f"{name:<28}{seconds:>10.4f}{1 / seconds:>10.2f}")
-    ratio = train["VQGAN encode on the fly"] / train["cached latents"]
+    method = next(iter(train.values()))[1]["method"]
+    print(f"\n(a) training, batch {args.batch}, {args.train_steps} timed steps; memory: {method}")
+    print(f"{'case':<28}{'s/step':>10}{'steps/s':>10}{'peak MiB':>10}{'growth MiB':>12}")
+    for name, (seconds, memory) in train.items():
+        print(
+            f"{name:<28}{seconds:>10.4f}{1 / seconds:>10.2f}{memory['peak_mib']:>10.0f}"
+            f"{memory['growth_mib']:>12.0f}"
+        )
+    ratio = train["VQGAN encode on the fly"][0] / train["cached latents"][0]
     print(f"cache speed-up: {ratio:.2f}x (goal >= 3x)")
+    if args.skip_sampling:
+        return
+    sampling = sampling_cases(args, vqgan, module, latent_shape, device)
     print(f"\n(b) sampling + decoding, batch {args.sample_batch}")
     print(f"{'case':<28}{'s/volume':>10}")
     for name, seconds in sampling.items():

@@ -12,10 +12,16 @@ its growth over the start of the measured section, and the peak-memory ratio bet
 smallest K (goal ≤ 1.3: the update keeps one timestep's graph alive, the rollout buffer lives on the CPU —
 on a GPU the buffer is host memory and does not count; on the CPU it is part of the RSS).
 
+Speed flags (``stage.speed`` of the PPO stage, see ``mrrl/nets/speed.py``), applied through ``PPOModule``:
+``--channels-last`` (policy and reference UNets), ``--grad-ckpt`` (the policy UNet's blocks in the update,
+where one timestep's graph is alive at a time), ``--compile [BACKEND]`` (policy and reference UNets; the
+untimed warm-up iteration absorbs the compilation). Run once per setting and compare.
+
 Not a test. Examples::
 
     python benchmarks/ppo_iteration.py --preset tiny --device cpu --threads 2
     python benchmarks/ppo_iteration.py --preset paper --device cuda --steps 10 50
+    python benchmarks/ppo_iteration.py --preset paper --device cuda --image-size 128 --steps 10 --grad-ckpt
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ import torch
 from _common import (
     PeakMemory,
     StepTimer,
+    add_speed_arguments,
     device_name,
     emit,
     lightning_trainer,
     print_table,
     run_case_in_child,
+    speed_config,
+    speed_label,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=2, help="timed PPO iterations per K")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    add_speed_arguments(parser)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # "K=<n>": one K, in this process
     return parser.parse_args(argv)
 
@@ -160,6 +170,7 @@ def ppo_config(args, preset: dict, k: int) -> dict:
         train_batch_size=args.train_batch or preset["train_batch"],
         fid_every=0,
         figure_every=10**9,
+        speed=speed_config(args),
     )
     cfg.pop("trainer", None)
     return cfg
@@ -239,7 +250,7 @@ def main() -> None:
     rows = [run_case_in_child(__file__, sys.argv[1:], f"K={k}") for k in args.steps]
     first = rows[0]
     print(
-        f"PPO {args.preset}: {first['size']}³ volumes, rollout batch {first['rollout_batch']}, train batch "
+        f"PPO {args.preset} [{speed_label(args)}]: {first['size']}³ volumes, rollout batch {first['rollout_batch']}, train batch "
         f"{first['train_batch']}, UNet {first['unet_params_m']:.2f} M parameters, {args.precision}, "
         f"{first['device']}; {args.iterations} timed iterations after {args.warmup}; memory: {first['memory_method']}"
     )

@@ -15,6 +15,11 @@ Not a test. Examples::
     python benchmarks/vqgan_throughput.py --preset tiny --device cpu --threads 2
     python benchmarks/vqgan_throughput.py --preset paper --device cuda --batch 2
     python benchmarks/vqgan_throughput.py --preset paper --device cuda --image-size 128 --precision bf16-mixed
+    python benchmarks/vqgan_throughput.py --preset paper --device cuda --image-size 128 --grad-ckpt --channels-last
+
+Speed flags (``stage.speed``, see ``mrrl/nets/speed.py``): ``--channels-last`` (generator and 3D discriminator),
+``--grad-ckpt`` (the generator's encoder/decoder blocks), ``--compile [BACKEND]`` (encoder/decoder blocks and
+both discriminators; the untimed warm-up steps absorb the compilation). Run once per setting and compare.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import torch
 from _common import (
     PeakMemory,
     StepTimer,
+    add_speed_arguments,
     device_name,
     emit,
     lightning_trainer,
     print_table,
     run_case_in_child,
+    speed_config,
+    speed_label,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,11 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    add_speed_arguments(parser)
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
     return parser.parse_args(argv)
 
 
-def build_module(preset: dict, image_size: int, adversarial: bool):
+def build_module(preset: dict, image_size: int, adversarial: bool, speed: dict | None = None):
     from omegaconf import OmegaConf
 
     from mrrl.stages.vqgan import VQGANModule
@@ -80,6 +89,8 @@ def build_module(preset: dict, image_size: int, adversarial: bool):
     stage = OmegaConf.load(REPO / "conf" / "stage" / "vqgan.yaml")
     stage = OmegaConf.merge(stage, {"net": preset["net"], "discriminator": preset["discriminator"]})
     stage.loss.adv_start_step = 0 if adversarial else 10**9
+    if speed is not None:
+        stage = OmegaConf.merge(stage, {"speed": speed})
     cfg = OmegaConf.to_container(stage, resolve=True)
     assert isinstance(cfg, dict)
     return VQGANModule(
@@ -88,6 +99,7 @@ def build_module(preset: dict, image_size: int, adversarial: bool):
         discriminator=cfg["discriminator"],
         loss=cfg["loss"],
         optim=cfg["optim"],
+        speed=cfg["speed"],
     )
 
 
@@ -96,7 +108,7 @@ def run_case(args: argparse.Namespace) -> dict:
     size, batch = args.image_size or preset["image_size"], args.batch or preset["batch"]
     device = torch.device(args.device)
     torch.manual_seed(0)
-    module = build_module(preset, size, adversarial=args.case == "adversarial")
+    module = build_module(preset, size, adversarial=args.case == "adversarial", speed=speed_config(args))
     n_steps = args.warmup + args.steps
     volumes = [{"image": torch.rand(1, size, size, size) * 2 - 1} for _ in range(batch * n_steps)]
     loader = torch.utils.data.DataLoader(volumes, batch_size=batch, pin_memory=device.type == "cuda")
@@ -130,7 +142,8 @@ def main() -> None:
     rows = [run_case_in_child(__file__, sys.argv[1:], case) for case in CASES]
     first = rows[0]
     print(
-        f"VQGAN {args.preset}: {first['size']}³ volumes, batch {first['batch']}, {args.precision}, "
+        f"VQGAN {args.preset} [{speed_label(args)}]: {first['size']}³ volumes, batch {first['batch']}, "
+        f"{args.precision}, "
         f"{first['params_m']:.2f} M parameters (generator + discriminators), {first['device']}; "
         f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
     )

@@ -1,4 +1,5 @@
-"""Network builders and losses (mostly MONAI): the VQGAN generator, its quantiser, discriminators, GAN losses.
+"""Network builders and losses (mostly MONAI): the VQGAN generator, its quantiser, discriminators, GAN losses,
+and the speed/memory options shared by the 3D networks (``mrrl.nets.speed``).
 
 Names are imported lazily (PEP 562), so ``import mrrl.nets.quantizer`` does not pay for importing MONAI.
 """
@@ -30,6 +31,18 @@ _EXPORTS = {
         "generator_loss",
     ),
     "quantizer": ("QuantizerOutput", "VectorQuantizerEMA", "nearest_codes"),
+    "speed": (
+        "CompileOptions",
+        "SpeedOptions",
+        "channels_last_3d",
+        "checkpointed_blocks",
+        "default_checkpoint_blocks",
+        "disable_activation_checkpointing",
+        "enable_activation_checkpointing",
+        "is_compiled",
+        "maybe_compile",
+        "to_channels_last_3d",
+    ),
     "vqgan": ("VQGAN", "VQGANConfig", "VQGANOutput"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -57,6 +70,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         generator_loss,
     )
     from mrrl.nets.quantizer import QuantizerOutput, VectorQuantizerEMA, nearest_codes  # noqa: F401
+    from mrrl.nets.speed import (  # noqa: F401
+        CompileOptions,
+        SpeedOptions,
+        channels_last_3d,
+        checkpointed_blocks,
+        default_checkpoint_blocks,
+        disable_activation_checkpointing,
+        enable_activation_checkpointing,
+        is_compiled,
+        maybe_compile,
+        to_channels_last_3d,
+    )
     from mrrl.nets.vqgan import VQGAN, VQGANConfig, VQGANOutput  # noqa: F401
 
 

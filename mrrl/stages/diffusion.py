@@ -48,6 +48,7 @@ from mrrl.diffusion.generate import (
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.latents import LATENT_FILE, ensure_latents, load_latents, load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
+from mrrl.nets.speed import SpeedOptions, enable_activation_checkpointing, maybe_compile, to_channels_last_3d
 from mrrl.runtime import build_datamodule
 from mrrl.stages.common import already_finished, build_trainer, checkpoint_dir, checkpoint_outputs, fit
 from mrrl.viz import log_figure, slices_figure
@@ -258,6 +259,7 @@ class DiffusionModule(L.LightningModule):
         sampling: Mapping[str, Any] | None = None,
         vqgan_ckpt: str | None = None,
         seed: int = 0,
+        speed: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -272,6 +274,21 @@ class DiffusionModule(L.LightningModule):
         self.optim_cfg = dict(optim)
         self._noise_generator: torch.Generator | None = None
         self._frozen: dict[str, Any] = {}  # the VQGAN for sample figures: kept out of state_dict and DDP
+        self.speed = SpeedOptions.from_config(speed)
+        if self.speed.channels_last:  # both copies: the EMA update lerps parameters of equal layouts
+            to_channels_last_3d(self.denoiser.unet)
+            to_channels_last_3d(self.ema.unet)
+        if self.speed.gradient_checkpointing:  # the EMA copy never runs with gradients
+            enable_activation_checkpointing(self.denoiser.unet)
+        self._compile()
+
+    def _compile(self) -> None:
+        """``stage.speed.compile``: the trained UNet, in place (state_dict keys unchanged). Called again in
+        ``setup``, since a spawned DDP process receives an uncompiled copy."""
+        maybe_compile(self.denoiser.unet, self.speed.compile)
+
+    def setup(self, stage: str) -> None:
+        self._compile()
 
     @property
     def schedule(self):
@@ -559,6 +576,7 @@ def check_config(cfg: DictConfig, latent_shape: Sequence[int]) -> None:
     bad = [t for t in stage["val_timesteps"] if not 0 <= int(t) < schedule.num_train_timesteps]
     if bad:
         raise ConfigError(f"stage.val_timesteps {bad} are outside [0, {schedule.num_train_timesteps})")
+    SpeedOptions.from_config(stage.get("speed"))
 
 
 def build_module(cfg: DictConfig, datamodule: LatentDataModule, vqgan_ckpt: str | None) -> DiffusionModule:
@@ -579,6 +597,7 @@ def build_module(cfg: DictConfig, datamodule: LatentDataModule, vqgan_ckpt: str 
         sampling=sampling_config(stage),
         vqgan_ckpt=vqgan_ckpt,
         seed=int(cfg.seed),
+        speed=stage.get("speed"),
     )
 
 

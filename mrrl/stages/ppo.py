@@ -43,6 +43,7 @@ from mrrl.diffusion.generate import (
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.latents import load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
+from mrrl.nets.speed import SpeedOptions, enable_activation_checkpointing, maybe_compile, to_channels_last_3d
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
 from mrrl.runtime import build_datamodule
 from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, real_class_statistics
@@ -123,6 +124,15 @@ class PPOModule(L.LightningModule):
             "reference": copy.deepcopy(loaded.denoiser).eval(),
             "vqgan": load_vqgan(vqgan_ckpt),
         }
+        self.speed = SpeedOptions.from_config(self.cfg.get("speed"))
+        if self.speed.channels_last:  # policy and reference alike: an unchanged policy keeps KL = 0
+            to_channels_last_3d(self.policy.unet)
+            to_channels_last_3d(self.reference.unet)
+        if self.speed.gradient_checkpointing:
+            # The policy is trained in eval mode (no dropout): checkpoint whenever gradients are recorded,
+            # i.e. in the update; the rollout and the reference run under no_grad and are not affected.
+            enable_activation_checkpointing(self.policy.unet, require_training=False)
+        self._compile()
         self.reward_fn: RewardFn | None = None
         if reward_ckpts is not None:
             from mrrl.reward.models import load_reward_model
@@ -153,6 +163,15 @@ class PPOModule(L.LightningModule):
             matched += int(param.requires_grad)
         if not matched:
             raise ConfigError(f"stage.trainable={trainable} matches no UNet parameter")
+
+    def _compile(self) -> None:
+        """``stage.speed.compile``: the policy's and the reference's UNets, in place (state_dict keys unchanged).
+        Called again in ``setup``, since a spawned DDP process receives uncompiled copies."""
+        maybe_compile(self.policy.unet, self.speed.compile)
+        maybe_compile(self.reference.unet, self.speed.compile)
+
+    def setup(self, stage: str) -> None:
+        self._compile()
 
     @property
     def reference(self):
@@ -493,6 +512,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     assert isinstance(stage, dict)
     if float(stage["eta"]) <= 0:
         raise ConfigError("stage.eta must be > 0: PPO needs a stochastic sampler (DDIM with eta > 0)")
+    SpeedOptions.from_config(stage.get("speed"))  # bad speed values fail before anything is loaded
     datamodule = build_datamodule(cfg).prepare()
     diffusion_ckpt = _diffusion_checkpoint(cfg)
     loaded_hparams = torch.load(diffusion_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]

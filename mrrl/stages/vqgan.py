@@ -35,6 +35,7 @@ from mrrl.nets import (
     feature_matching_loss,
     generator_loss,
 )
+from mrrl.nets.speed import SpeedOptions, maybe_compile, to_channels_last_3d
 from mrrl.runtime import build_datamodule
 from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit
 from mrrl.viz import log_figure, slices_figure
@@ -53,14 +54,21 @@ class VQGANModule(L.LightningModule):
         loss: Mapping[str, Any],
         optim: Mapping[str, Any],
         num_figure_volumes: int = 2,
+        speed: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.loss_cfg = dict(loss)
         self.optim_cfg = dict(optim)
+        self.speed = SpeedOptions.from_config(speed)
         channels = int(image_shape[0])
-        self.vqgan = VQGAN(**dict(net), in_channels=channels)
+        net = dict(net)
+        # stage.speed.gradient_checkpointing and the older stage.net.gradient_checkpointing both switch it on.
+        net["gradient_checkpointing"] = (
+            bool(net.get("gradient_checkpointing")) or self.speed.gradient_checkpointing
+        )
+        self.vqgan = VQGAN(**net, in_channels=channels)
         disc = dict(discriminator)
         self.slices_per_volume = int(disc.pop("slices_per_volume", 4))
         self.disc3d = VolumeDiscriminator(in_channels=channels, **disc)
@@ -75,6 +83,28 @@ class VQGANModule(L.LightningModule):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         self._val_counts: torch.Tensor | None = None
         self._figure_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.speed.channels_last:  # the 2D slice discriminator keeps its layout
+            to_channels_last_3d(self.vqgan)
+            to_channels_last_3d(self.disc3d)
+        self._compile()
+
+    # ------------------------------------------------------------------------------------------ speed
+    def _compile(self) -> None:
+        """``stage.speed.compile``: the generator's encoder and decoder (checkpointed blocks included) and both
+        discriminators; the EMA quantiser (DDP all-reduce, data-dependent code restarts) stays eager. In place,
+        state_dict keys unchanged; again in ``setup`` (a spawned DDP process gets an uncompiled copy)."""
+        options = self.speed.compile
+        if options.enabled and options.backend != "eager":
+            # The adaptive adversarial weight differentiates through the decoder and the discriminators with
+            # retain_graph=True, which AOTAutograd's donated buffers (a backward memory saving) forbid.
+            import torch._functorch.config
+
+            torch._functorch.config.donated_buffer = False
+        for part in (self.vqgan.encoder, self.vqgan.decoder, self.disc3d, self.disc2d):
+            maybe_compile(part, options)
+
+    def setup(self, stage: str) -> None:
+        self._compile()
 
     # ------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
@@ -219,6 +249,7 @@ class VQGANModule(L.LightningModule):
 
 
 def check_config(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
+    SpeedOptions.from_config(cfg.stage.get("speed"))  # bad speed values fail before any data is read
     factor = int(cfg.stage.net.downsample_factor)
     if any(s % factor for s in image_shape[1:]):
         raise ConfigError(
@@ -242,6 +273,7 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VQGANModule:
         loss=stage["loss"],
         optim=stage["optim"],
         num_figure_volumes=int(stage.get("num_figure_volumes", 2)),
+        speed=stage.get("speed"),
     )
 
 
@@ -291,7 +323,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def _validate_best(cfg: DictConfig, ckpt: str, datamodule, run_dir: Path) -> dict[str, float]:
     """Validation metrics of ``ckpt`` on one device (no logger: the numbers go to the manifest)."""
-    module = VQGANModule.load_from_checkpoint(ckpt, map_location="cpu")
+    # No speed options for a few validation batches: compiling would cost more than it saves.
+    module = VQGANModule.load_from_checkpoint(ckpt, map_location="cpu", speed=None)
     accelerator = "cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else "gpu"
     trainer = L.Trainer(
         accelerator=accelerator,
