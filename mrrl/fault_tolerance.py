@@ -10,8 +10,9 @@
   handler can hang. Ctrl+C in a one-process run saves too.
 - On SLURM (``SLURM_JOB_ID`` set) the stop signal also requeues the job with ``scontrol requeue`` from
   rank 0, so a preempted or timed-out job comes back and the same command resumes. ``SIGUSR1``, which SLURM
-  sends ``N`` seconds before the time limit with ``#SBATCH --signal=USR1@N``, stops the same way. Requeueing stops after ``fault_tolerance.max_requeues`` restarts (``SLURM_RESTART_COUNT``),
-  and is left to submitit under the submitit launcher (it requeues on its own signal).
+  sends ``N`` seconds before the time limit with ``#SBATCH --signal=USR1@N``, stops the same way.
+  Requeueing stops after ``fault_tolerance.max_requeues`` restarts (``SLURM_RESTART_COUNT``), and is left to
+  submitit under the submitit launcher (it requeues on its own signal).
 
 The stopped run exits with status 143 (``mrrl.distributed.sigterm_exits_nonzero``).
 """
@@ -168,10 +169,9 @@ class GracefulStop(Callback):
         self.stop_requested = True  # no collectives in a signal handler: ranks agree at the batch end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Every rank learns whether any rank was signalled; then Lightning stops after this step everywhere.
         if trainer.strategy.reduce_boolean_decision(self.stop_requested, all=False):
-            trainer._signal_connector.received_sigterm = (
-                True  # Lightning stops after this step, on every rank
-            )
+            trainer._signal_connector.received_sigterm = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

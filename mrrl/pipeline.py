@@ -3,7 +3,7 @@
 Each stage runs as its own ``python -m mrrl stage=<name>`` process (a clean process per stage, and
 Lightning's DDP can re-execute it), finds its inputs in the previous stages' manifests, is skipped when
 its manifest says it finished (unless ``pipeline.force=true``) and resumes from its last checkpoint when
-it was interrupted. Stop signals sent to the pipeline (SIGTERM from ``kill`` or ``docker stop``, SIGINT,
+it was interrupted. Stop signals sent to the pipeline (SIGTERM from ``kill`` or ``docker stop``, SIGHUP,
 SLURM's SIGUSR1 warning) are passed on to the running stage, which saves its checkpoint and exits; the
 pipeline then exits with the stage's status.
 """
@@ -65,9 +65,7 @@ def run_pipeline(overrides: Sequence[str]) -> int:
     return 0
 
 
-FORWARDED_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP") if hasattr(signal, name)
-)
+FORWARDED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGHUP") if hasattr(signal, n))
 
 
 def run_child(command: Sequence[str]) -> int:
@@ -75,6 +73,8 @@ def run_child(command: Sequence[str]) -> int:
 
     Without this, ``kill <pipeline>`` would leave the stage running without its parent, and SLURM's
     ``--signal=USR1@…`` warning (whose default action is to terminate) would end the pipeline alone.
+    SIGINT is not passed on but ignored here: Ctrl+C already reaches the stage (the terminal signals the
+    whole foreground process group), and a second copy would interrupt its graceful shutdown.
     Returns the stage's exit status (128 + signal number when a signal ended it, as a shell reports it).
     """
     child = subprocess.Popen(list(command))
@@ -84,6 +84,7 @@ def run_child(command: Sequence[str]) -> int:
             child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         status = child.wait()
     finally:

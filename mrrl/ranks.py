@@ -51,10 +51,6 @@ class RankShard:
             return value
         return self.fabric.broadcast(value, src=0)
 
-    def barrier(self) -> None:
-        if self.fabric is not None:
-            self.fabric.barrier()
-
 
 def launch_ranks(cfg: DictConfig):
     """Start the ranks of a multi-device ``trainer`` (e.g. ``trainer=ddp``) with Lightning Fabric.

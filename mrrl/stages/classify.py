@@ -10,10 +10,11 @@ A 3D ResNet (MONAI, ``stage.arch``) classifies the real **test** split after eac
 Each protocol runs once per seed of ``stage.seeds`` (see :mod:`mrrl.classify.runner` for the per-run
 folders, resume and skipping); synthetic volumes are sampled once per generator, before any training,
 and cached in ``<run_dir>/synthetic/``; under ``trainer=ddp`` the ranks (started here, before sampling, and
-reused by every Trainer) share the sampling and each gets all volumes (:mod:`mrrl.ranks`). A protocol whose generator does not exist yet (no ppo manifest)
-is reported as missing and the others run. Outputs: ``table3.md``, ``table3.csv`` (accuracy, F1, AUC as
-mean ± sample std over seeds), ``per_seed.csv``, ``metrics.json`` and the manifest. Rerunning rebuilds the
-tables from the finished runs' stored test predictions and trains only what is missing or stale.
+reused by every Trainer) share the sampling and each gets all volumes (:mod:`mrrl.ranks`). A protocol
+whose generator does not exist yet (no ppo manifest) is reported as missing and the others run. Outputs:
+``table3.md``, ``table3.csv`` (accuracy, F1, AUC as mean ± sample std over seeds), ``per_seed.csv``,
+``metrics.json`` and the manifest. Rerunning rebuilds the tables from the finished runs' stored test
+predictions and trains only what is missing or stale.
 """
 
 from __future__ import annotations
