@@ -16,6 +16,16 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One intra-op thread for every test (OpenMP oversubscription on a shared 2-core box is ~30× slower),
+    restored afterwards in case a test (e.g. a benchmark-like one) changed it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def blob_volume(seed: int, shape=(20, 24, 18), lesion: float = 0.0) -> np.ndarray:
     """A brain-like ellipsoid with smooth texture and an optional bright blob, background exactly 0."""
     rng = np.random.default_rng(seed)

@@ -55,14 +55,6 @@ TINY = [
 SAMPLING = ["stage.n_synthetic_per_class=3", "stage.num_steps=2", "stage.sample_batch_size=3"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict[str, Path]:
     """The phantom cohort, a shared run root (one preprocessing cache) and random generator checkpoints."""

@@ -39,15 +39,6 @@ TINY_DIFFUSION = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vqgan_run(tmp_path_factory) -> dict:
     """A 1-epoch tiny VQGAN in experiment 'diff' (its manifest and latent cache are what the stage reads)."""

@@ -25,14 +25,6 @@ CLASSES = ["HGG", "LGG"]
 EXTRACTORS = ["random3d", "random2d"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, Path]:
     """(data root, run root) with a finished tiny VQGAN stage in experiment ``ev``; test split 3 per class.

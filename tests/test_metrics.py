@@ -31,15 +31,6 @@ from mrrl.metrics import (
 from mrrl.metrics.pretrained import load_medicalnet_state
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny convolutions on a shared 2-core box: one thread avoids OpenMP oversubscription (30x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_features(n: int, dim: int, seed: int, scale: float = 1.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)

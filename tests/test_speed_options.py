@@ -57,14 +57,6 @@ TINY_UNET = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
     """A 2-level UNet with attention; MONAI's zero-initialised output conv randomised (so gradients flow)."""
     torch.manual_seed(seed)
