@@ -55,6 +55,16 @@ def experiment(tmp_path_factory) -> tuple[Path, Path]:
     return data_root, run_root
 
 
+# The instrument's checks, tiny: 2-step ladder and trajectory, few bootstrap resamples.
+TINY_CALIBRATION = [
+    "stage.calibration.ladder_steps=[0,2]",
+    "stage.calibration.ladder_num_steps=4",
+    "stage.calibration.synthetic_steps=[2,4]",
+    "stage.intervals.n_boot=20",
+    "stage.intervals.floor_splits=4",
+]
+
+
 def eval_cfg(experiment: tuple[Path, Path], *extra: str, name: str = "ev"):
     data_root, run_root = experiment
     return compose_cfg(
@@ -67,6 +77,7 @@ def eval_cfg(experiment: tuple[Path, Path], *extra: str, name: str = "ev"):
             "stage.metrics.extractor_options.random2d.slice_size=32",
             "stage.metrics.batch_size=4",
             "stage.metrics.diversity_pairs=4",
+            *TINY_CALIBRATION,
             *extra,
         ],
         run_root,
@@ -287,6 +298,7 @@ def test_three_rows_from_diffusion_and_ppo_manifests(experiment, tmp_path: Path,
         "stage.num_steps=3",
         "stage.sample_batch_size=2",
         "stage.metrics.extractors=[random3d]",
+        "stage.metrics.headline_extractor=random3d",
     ]
     run_dir = tmp_path / "evaluate"
     outputs = evaluate_stage.run(eval_cfg(experiment, *overrides, name="evd"), run_dir)
@@ -310,6 +322,7 @@ def test_three_rows_from_diffusion_and_ppo_manifests(experiment, tmp_path: Path,
             *overrides[:-2],
             "stage.sample_batch_size=3",
             "stage.metrics.extractors=[random3d]",
+            "stage.metrics.headline_extractor=random3d",
             name="evd",
         ),
         run_dir,
@@ -338,6 +351,7 @@ def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path
         "stage.num_steps=3",
         "stage.sample_batch_size=2",
         "stage.metrics.extractors=[random3d]",
+        "stage.metrics.headline_extractor=random3d",
         "logger=none",
     ]
     single = evaluate_stage.run(eval_cfg(experiment, *overrides, name="evr"), tmp_path / "single")
@@ -352,6 +366,7 @@ def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path
         "stage.metrics.extractor_options.random2d.slice_size=32",
         "stage.metrics.batch_size=4",
         "stage.metrics.diversity_pairs=4",
+        *TINY_CALIBRATION,
         *overrides,
         "trainer=ddp_cpu",
     ]

@@ -48,7 +48,9 @@ def test_kid_is_unbiased_for_one_gaussian():
     mean = sum(values) / len(values)
     sem = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
     assert abs(mean) < 3 * sem
-    shifted = [kid(torch.randn(10, 4, generator=gen), torch.randn(10, 4, generator=gen) + 1) for _ in range(50)]
+    shifted = [
+        kid(torch.randn(10, 4, generator=gen), torch.randn(10, 4, generator=gen) + 1) for _ in range(50)
+    ]
     assert sum(shifted) / len(shifted) > 10 * sem
 
 
@@ -107,3 +109,15 @@ def test_split_half_floor_is_small_for_real_vs_real():
     assert floor["fid"]["A"]["high"] < shifted
     assert floor["kid"]["All"]["n_half"] == 30
     assert floor["kid"]["A"]["low"] < 0.05
+    assert math.isnan(split_half_floor({"A": torch.randn(3, 6)}, n_splits=5)["fid"]["A"]["value"])
+
+
+def test_slices_of_a_volume_are_resampled_together():
+    """A 2D extractor gives several rows per volume; the bootstrap and the floor draw whole volumes."""
+    gen = torch.Generator().manual_seed(6)
+    real = {"A": torch.randn(8 * 3, 4, generator=gen)}
+    out = bootstrap_scores(real, {"m": {"A": torch.randn(10 * 3, 4, generator=gen)}}, 5, rows_per_volume=3)
+    assert out["scores"]["fid"]["m"]["A"]["low"] <= out["scores"]["fid"]["m"]["A"]["high"]
+    assert split_half_floor(real, 3, rows_per_volume=3)["fid"]["A"]["n_half"] == 4
+    with pytest.raises(ValueError, match="rows_per_volume"):
+        bootstrap_scores({"A": torch.randn(7, 4)}, {"m": {"A": torch.randn(9, 4)}}, 2, rows_per_volume=3)

@@ -174,6 +174,14 @@ def _scores(real_stats: FeatureStatistics, real: Tensor, fake: Tensor, k: int, w
     return out
 
 
+def model_features(
+    volumes: Mapping[str, Tensor], extractors: Sequence[VolumeFeatureExtractor], batch_size: int, device: Any
+) -> dict[str, dict[str, Tensor]]:
+    """Feature rows ``{extractor name: {class: [N·rows_per_volume, D]}}`` of one row's volumes."""
+    fake = {c: extract_features(extractors, v, batch_size, device) for c, v in volumes.items()}
+    return {e.name: {c: fake[c][i] for c in volumes} for i, e in enumerate(extractors)}
+
+
 def score_model(
     volumes: Mapping[str, Tensor],
     extractors: Sequence[VolumeFeatureExtractor],
@@ -182,13 +190,15 @@ def score_model(
     k: int = 3,
     with_prdc: bool = True,
     device: Any = None,
+    features: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows ``{extractor, extractor_identity, class, n_real, n_fake, fid, precision, recall, density,
-    coverage}`` per extractor and class, plus ``All`` (every class pooled)."""
-    fake = {c: extract_features(extractors, v, batch_size, device) for c, v in volumes.items()}
+    coverage}`` per extractor and class, plus ``All`` (every class pooled). ``features``: the volumes'
+    :func:`model_features`, when already extracted."""
+    fake = features or model_features(volumes, extractors, batch_size, device)
     rows = []
-    for e, extractor in enumerate(extractors):
-        per_class = {c: fake[c][e] for c in volumes}
+    for extractor in extractors:
+        per_class = {c: fake[extractor.name][c] for c in volumes}
         per_class[ALL] = torch.cat(list(per_class.values()))
         for c, feats in per_class.items():
             real_feats = reference.features[extractor.name][c]

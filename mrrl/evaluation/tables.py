@@ -64,8 +64,125 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return lines
 
 
+def fmt_est(est: Mapping[str, float] | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    """``0.412 [0.380, 0.455]``: a point value and its interval."""
+    if not est:
+        return "–"
+    value, low, high = (None if est.get(k) is None else scale * est[k] for k in ("value", "low", "high"))
+    return f"{fmt(value, digits)}{unit} [{fmt(low, digits)}, {fmt(high, digits)}]"
+
+
+KID_SCALE = 1000.0  # KID values are small: shown ×10³
+
+
+def headline_section(results: Mapping[str, Any]) -> list[str]:
+    """FID and KID with intervals on the headline extractor, the gap closed with its verdict, the floor."""
+    head = results.get("headline")
+    if not head or head["extractor"] not in results.get("intervals", {}):
+        return []
+    name = head["extractor"]
+    iv, floor = results["intervals"][name], results["floor"][name]
+    cols, models = columns(results), results["models"]
+    mark = "held out ✓" if head["held_out"] else f"⚠ NOT HELD OUT: also {', '.join(head['coincides_with'])}"
+    checked = ", ".join(head["checked"]) or "nothing (no reward_data / ppo manifest)"
+    n_fake = {c: max((m["n_per_class"].get(c, 0) for m in models), default=0) for c in results["classes"]}
+    lines = [
+        "",
+        f"## Headline: {name} ({mark})",
+        "",
+        f"Extractor identity `{head['identity']}`; compared against {checked}. Intervals: {int(100 * iv['level'])} % "
+        f"percentile bootstrap, {iv['n_boot']} resamples of real and generated volumes (seed {iv['seed']}); "
+        f"generated volumes per class: {', '.join(f'{c} {n}' for c, n in n_fake.items())}. "
+        f"KID is shown ×10³ (unbiased: it may be negative).",
+        "",
+    ]
+    for metric, scale in (("fid", 1.0), ("kid", KID_SCALE)):
+        body = [
+            [m["label"], *(fmt_est(iv["scores"][metric][m["key"]].get(c), scale=scale) for c in cols)]
+            for m in models
+        ]
+        lines += _md_table([f"{metric.upper()}{' ×10³' if scale != 1 else ''}", *cols], body) + [""]
+    if iv.get("gap_closed"):
+        body = []
+        for metric in ("fid", "kid"):
+            body.append(
+                [
+                    metric.upper(),
+                    *(
+                        f"{fmt_est(iv['gap_closed'][metric][c], 1, unit=' %')} — {iv['verdict'][metric][c]}"
+                        for c in cols
+                    ),
+                ]
+            )
+        lines += [
+            "Share of the standard → VQGAN-limit gap closed by RL (verdict from the interval of "
+            "standard − RL):",
+            "",
+        ]
+        lines += _md_table(["Metric", *cols], body) + [""]
+        res = [
+            f"{c} {fmt(0.5 * (iv['difference']['fid'][c]['high'] - iv['difference']['fid'][c]['low']))}"
+            for c in cols
+        ]
+        lines += [f"Resolution (half-width of the standard − RL FID interval): {', '.join(res)}.", ""]
+    body = [
+        [
+            metric.upper(),
+            *(fmt_est(floor[metric][c], scale=KID_SCALE if metric == "kid" else 1.0) for c in cols),
+        ]
+        for metric in ("fid", "kid")
+    ]
+    halves = ", ".join(f"{c} {floor['fid'][c]['n_half']}" for c in cols)
+    lines += [
+        f"Noise floor: real vs real, two random halves of the test split ({halves} volumes per half; "
+        "mean and range over random splits):",
+        "",
+    ]
+    lines += _md_table(["Metric", *cols], body)
+    return lines
+
+
+def calibration_section(results: Mapping[str, Any]) -> list[str]:
+    """The premises (headline extractor) with pass/fail, and the ladder / trajectory of every extractor."""
+    info = results.get("calibration") or {}
+    if not info:
+        return []
+    cols = columns(results)
+    lines = ["", "## The paper's premises (headline extractor)", ""]
+    body = []
+    for col, checks in results["premises"].items():
+        for check in checks:
+            if "x" in check:
+                numbers = "; ".join(f"{x}: {fmt(v['value'])}" for x, v in zip(check["x"], check["fid"]))
+            else:
+                numbers = f"gap {fmt_est(check['gap'])} vs floor ≤ {fmt(check['floor_high'])}"
+            body.append([check["premise"], col, numbers, "pass ✓" if check["passed"] else "FAIL ✗"])
+    lines += _md_table(["Premise", "Column", "FID", "Result"], body)
+    lines += [
+        "",
+        "A trend passes when its last point is beyond its first and no step reverses by more than the "
+        "intervals allow.",
+        "",
+        "## Calibration ladder and synthetic trajectory (FID, every extractor)",
+        "",
+    ]
+    names = sorted(info, key=lambda n: (info[n]["kind"], info[n].get("t", info[n].get("steps"))))
+    for ext, iv in results["intervals"].items():
+        body = []
+        for n in names:
+            what = (
+                f"reconstruction t={info[n]['t']}"
+                if info[n]["kind"] == "ladder"
+                else f"synthetic {info[n]['steps']} steps"
+            )
+            body.append([what, *(fmt_est(iv["scores"]["fid"][n][c]) for c in cols)])
+        lines += [f"**{ext}**", ""] + _md_table(["Volumes", *cols], body) + [""]
+    return lines
+
+
 def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
-    """FID tables (one per extractor), the gap closed by RL, PR/DC on all classes, diversity, missing rows."""
+    """The headline table with intervals, the premises and calibration, FID tables (one per extractor),
+    the gap closed by RL, PR/DC on all classes, diversity, missing rows."""
     cols = columns(results)
     lookup = score_lookup(results)
     models = results["models"]
@@ -76,6 +193,9 @@ def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
         f"Real reference: the test split ({counts}). FID values are only comparable within one "
         "extractor identity and volume size."
     )
+    lines += headline_section(results)
+    lines += calibration_section(results)
+    lines += ["", "## Point values per extractor"]
     for ext in results["extractors"]:
         name = ext["name"]
         lines += ["", f"## FID — {name}", "", f"Extractor identity: `{ext['identity']}`", ""]
@@ -156,3 +276,42 @@ def write_figures(
             plt.close(figure)
         paths.append(path)
     return paths
+
+
+def write_calibration_figure(path: str | Path, results: Mapping[str, Any]) -> Path:
+    """FID (with intervals) of the ladder against t and of the synthetic trajectory against sampler steps,
+    one panel pair per extractor, with the Table 2 rows as horizontal lines."""
+    from mrrl.viz import plt
+
+    info = results["calibration"]
+    exts = list(results["intervals"])
+    figure, axes = plt.subplots(len(exts), 2, figsize=(9, 3.2 * len(exts)), squeeze=False)
+    for row, ext in enumerate(exts):
+        scores = results["intervals"][ext]["scores"]["fid"]
+        for col, (kind, xkey, xlabel) in enumerate(
+            (("ladder", "t", "noise level t (sampler steps)"), ("synthetic", "steps", "sampler steps"))
+        ):
+            ax = axes[row][col]
+            names = sorted((i[xkey], n) for n, i in info.items() if i["kind"] == kind)
+            for c in columns(results):
+                xs = [x for x, _ in names]
+                est = [scores[n][c] for _, n in names]
+                ys = [e["value"] for e in est]
+                err = [[y - e["low"] for y, e in zip(ys, est)], [e["high"] - y for y, e in zip(ys, est)]]
+                if xs:
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=c)
+            for key, style in (("vqgan", "--"), ("standard", ":"), ("rl", "-.")):
+                if key in scores:
+                    ax.axhline(scores[key][ALL]["value"], color="k", ls=style, lw=1, label=f"{key} (All)")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"FID ({ext})")
+            ax.set_title(f"{ext}: {kind}")
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        figure.savefig(path, dpi=90)
+    finally:
+        plt.close(figure)
+    return path

@@ -71,6 +71,23 @@ def _with_all(per_class: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {**per_class, ALL: torch.cat([_f64(v) for v in per_class.values()])}
 
 
+def _volumes(rows: Tensor, rows_per_volume: int) -> Tensor:
+    """``[N·r, D]`` feature rows → ``[N, r, D]``: a volume's rows (e.g. its slices) stay together."""
+    rows = _f64(rows)
+    if rows.shape[0] % rows_per_volume:
+        raise ValueError(
+            f"{rows.shape[0]} feature rows are not a multiple of rows_per_volume={rows_per_volume}"
+        )
+    return rows.reshape(rows.shape[0] // rows_per_volume, rows_per_volume, rows.shape[1])
+
+
+def _resample(rows: Tensor, rows_per_volume: int, gen: torch.Generator) -> Tensor:
+    """A bootstrap draw of whole volumes (with replacement), back as feature rows."""
+    vols = _volumes(rows, rows_per_volume)
+    picks = torch.randint(len(vols), (len(vols),), generator=gen)
+    return vols[picks].reshape(-1, vols.shape[2])
+
+
 def gap_share(standard: float, rl: float, limit: float) -> float:
     """100·(standard − rl)/(standard − limit); NaN when the standard model is not above the limit."""
     gap = standard - limit
@@ -95,14 +112,16 @@ def bootstrap_scores(
     seed: int = 0,
     level: float = 0.95,
     comparison: tuple[str, str, str] = ("standard", "rl", "vqgan"),
+    rows_per_volume: int = 1,
 ) -> dict[str, Any]:
     """Point values and percentile intervals of FID and KID per model and column (classes + ``All``).
 
     ``real``: feature rows per class; ``fake``: per model, feature rows per class. ``comparison`` names
     (standard, rl, limit): when all three models are present, also the interval of standard − rl and of
     the share of the gap closed, with a verdict per metric and column. Returns
-    ``{"n_boot", "level", "scores": {metric: {model: {col: est}}}, "difference", "gap_closed", "verdict"}``
-    where ``est = {"value", "low", "high"}``.
+    ``{"n_boot", "level", "scores": {metric: {model: {col: est}}}, "difference", "gap_closed", "verdict",
+    "gap"}`` where ``est = {"value", "low", "high"}`` (``gap``: standard − limit). ``rows_per_volume``: a
+    2D extractor's rows per volume (its slices); whole volumes are resampled.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -117,12 +136,9 @@ def bootstrap_scores(
     draws = {metric: {m: {c: [] for c in cols} for m in fake} for metric in METRICS}
     gen = torch.Generator().manual_seed(int(seed))
     for _ in range(int(n_boot)):
-        real_idx = {c: torch.randint(len(real[c]), (len(real[c]),), generator=gen) for c in classes}
-        real_b = _with_all({c: _f64(real[c])[real_idx[c]] for c in classes})
+        real_b = _with_all({c: _resample(real[c], rows_per_volume, gen) for c in classes})
         for m, per_class in fake.items():
-            fake_b = _with_all(
-                {c: _f64(v)[torch.randint(len(v), (len(v),), generator=gen)] for c, v in per_class.items()}
-            )
+            fake_b = _with_all({c: _resample(v, rows_per_volume, gen) for c, v in per_class.items()})
             for metric, fn in SCORERS.items():
                 for c in cols:
                     draws[metric][m][c].append(fn(real_b[c], fake_b[c]))
@@ -138,6 +154,12 @@ def bootstrap_scores(
         },
     }
     std, rl, limit = comparison
+    if std in fake and limit in fake:
+        out["gap"] = {}
+        for metric in METRICS:
+            p, d = point[metric], draws[metric]
+            gap = {c: [a - g for a, g in zip(d[std][c], d[limit][c])] for c in cols}
+            out["gap"][metric] = {c: _estimate(p[std][c] - p[limit][c], gap[c], level) for c in cols}
     if all(k in fake for k in comparison):
         out["difference"], out["gap_closed"], out["verdict"] = {}, {}, {}
         for metric in METRICS:
@@ -158,23 +180,28 @@ def bootstrap_scores(
 
 
 def split_half_floor(
-    real: Mapping[str, Tensor], n_splits: int = 50, seed: int = 0, level: float = 0.95
+    real: Mapping[str, Tensor],
+    n_splits: int = 50,
+    seed: int = 0,
+    level: float = 0.95,
+    rows_per_volume: int = 1,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """FID and KID between two random halves of the real set, over ``n_splits`` random splits per column:
     ``{metric: {col: {"value" (mean), "low", "high", "n_half"}}}``. Differences below this floor are
-    estimator noise (note: each half has n/2 rows, so the FID floor is higher than at n)."""
+    estimator noise (note: each half has n/2 rows, so the FID floor is higher than at n). NaN when a class
+    has fewer than 4 volumes."""
     classes = list(real)
     gen = torch.Generator().manual_seed(int(seed))
     draws = {metric: {c: [] for c in [*classes, ALL]} for metric in METRICS}
-    halves = {c: len(v) // 2 for c, v in real.items()}
-    if min(halves.values()) < 2:
-        raise ValueError(f"the split-half floor needs >= 4 real rows per class, got {dict(halves)}")
-    for _ in range(int(n_splits)):
+    vols = {c: _volumes(v, rows_per_volume) for c, v in real.items()}
+    halves = {c: len(v) // 2 for c, v in vols.items()}
+    # Fewer than 4 volumes in a class: no floor (NaN), said in the table rather than failing the evaluation.
+    for _ in range(int(n_splits) if min(halves.values()) >= 2 else 0):
         a, b = {}, {}
         for c in classes:
-            perm = torch.randperm(len(real[c]), generator=gen)
-            rows = _f64(real[c])[perm]
-            a[c], b[c] = rows[: halves[c]], rows[halves[c] : 2 * halves[c]]
+            shuffled = vols[c][torch.randperm(len(vols[c]), generator=gen)]
+            a[c] = shuffled[: halves[c]].reshape(-1, shuffled.shape[2])
+            b[c] = shuffled[halves[c] : 2 * halves[c]].reshape(-1, shuffled.shape[2])
         a, b = _with_all(a), _with_all(b)
         for metric, fn in SCORERS.items():
             for c in a:
@@ -185,5 +212,6 @@ def split_half_floor(
         for c, values in draws[metric].items():
             low, high = percentile_interval(values, level)
             n_half = sum(halves.values()) if c == ALL else halves[c]
-            out[metric][c] = {"value": float(np.mean(values)), "low": low, "high": high, "n_half": n_half}
+            mean = float(np.mean(values)) if values else math.nan
+            out[metric][c] = {"value": mean, "low": low, "high": high, "n_half": n_half}
     return out

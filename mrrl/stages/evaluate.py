@@ -36,11 +36,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrrl.errors import ConfigError, ManifestError
+from mrrl.evaluation.calibration import CalibrationSettings, calibration_volumes, premise_checks
+from mrrl.evaluation.judge import check_headline_name, headline_judge
 from mrrl.evaluation.scores import (
+    ALL,
     RealFeatureCache,
     RealReference,
     build_extractors,
     diversity_by_class,
+    model_features,
     real_reference,
     score_model,
 )
@@ -52,8 +56,15 @@ from mrrl.evaluation.sources import (
     discover_models,
     model_volumes,
 )
-from mrrl.evaluation.tables import gap_closed, render_markdown, write_csv, write_figures
+from mrrl.evaluation.tables import (
+    gap_closed,
+    render_markdown,
+    write_calibration_figure,
+    write_csv,
+    write_figures,
+)
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
+from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
 from mrrl.ranks import RankShard, generation_device, launch_ranks
 from mrrl.runtime import build_datamodule, build_loggers
 from mrrl.stages.common import release_process_group
@@ -160,15 +171,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     scorer = Scorer.build(cfg, datamodule, split, real, real_ids, device)
     n_fig = int(cfg.stage.get("figure_volumes", 2))
-    models, scores, previews = [], [], {}
+    models, scores, previews, features = [], [], {}, {}
     for spec in specs:
-        model, rows, volumes = evaluate_row(spec, ctx, scorer, made.get(spec.key))
+        model, rows, volumes, features[spec.key] = evaluate_row(spec, ctx, scorer, made.get(spec.key))
         models.append(model)
         scores += rows
         previews[spec.label] = {c: v[:n_fig] for c, v in volumes.items()}
 
     results = collect_results(cfg, datamodule, split, models, missing, scores, scorer, ctx, shard.world)
     results["real"]["diversity"] = scorer.diversity(real)
+    calibration = {}
+    standard = next((s for s in specs if s.key == "standard"), None)
+    if standard is not None:
+        cal_volumes, calibration = calibration_volumes(
+            standard, ctx, CalibrationSettings.from_config(cfg.stage)
+        )
+        for name, volumes in cal_volumes.items():
+            features[name] = scorer.features(volumes)
+    results.update(uncertainty(cfg, scorer, features, calibration))
+    results["headline"] = headline_judge(cfg, scorer.extractors, str(cfg.stage.metrics.headline_extractor))
     results = _finite_or_none(results)
     outputs = write_outputs(cfg, run_dir, results, {c: v[:n_fig] for c, v in real.items()}, previews)
     outputs["inputs"] = inputs
@@ -195,6 +216,7 @@ class Scorer:
         image_shape = tuple(datamodule.image_shape)
         options = OmegaConf.to_container(metrics.get("extractor_options") or {}, resolve=True)
         extractors = [e.to(device) for e in build_extractors(list(metrics.extractors), options, image_shape)]
+        check_headline_name(str(metrics.headline_extractor), extractors)
         batch_size = int(metrics.batch_size)
         cache_dir = metrics.get("stats_cache_dir") or Path(cfg.paths.cache_dir) / "fid_stats"
         data_key = {
@@ -217,10 +239,24 @@ class Scorer:
             device=device,
         )
 
-    def scores(self, volumes: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def features(self, volumes: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        return model_features(volumes, self.extractors, self.batch_size, self.device)
+
+    def scores(self, volumes: Mapping[str, torch.Tensor], features=None) -> list[dict[str, Any]]:
         return score_model(
-            volumes, self.extractors, self.reference, self.batch_size, self.k, self.with_prdc, self.device
+            volumes,
+            self.extractors,
+            self.reference,
+            self.batch_size,
+            self.k,
+            self.with_prdc,
+            self.device,
+            features=features,
         )
+
+    def real_features(self, name: str) -> dict[str, torch.Tensor]:
+        """The real reference's feature rows of one extractor, per class (without ``All``)."""
+        return {c: f for c, f in self.reference.features[name].items() if c != ALL}
 
     def diversity(self, volumes: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return diversity_by_class(volumes, self.diversity_pairs, self.seed, self.batch_size, self.device)
@@ -248,7 +284,11 @@ def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer, made: Volu
     produced = model_volumes(spec, ctx)
     if made is not None:
         produced.reused, produced.seconds = made.reused, made.seconds
-    rows = [{"model": spec.key, "model_label": spec.label, **r} for r in scorer.scores(produced.volumes)]
+    features = scorer.features(produced.volumes)
+    rows = [
+        {"model": spec.key, "model_label": spec.label, **r}
+        for r in scorer.scores(produced.volumes, features=features)
+    ]
     model = {
         "key": spec.key,
         "label": spec.label,
@@ -262,7 +302,29 @@ def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer, made: Volu
     }
     cached = " (cached samples)" if produced.reused and all(produced.reused.values()) else ""
     print(f"evaluate: {spec.label}: {model['seconds']:.1f} s{cached}")
-    return model, rows, produced.volumes
+    return model, rows, produced.volumes, features
+
+
+def uncertainty(cfg: DictConfig, scorer: Scorer, features, calibration) -> dict[str, Any]:
+    """Bootstrap intervals (FID, KID, RL−standard difference, gap closed, verdicts), the split-half floor
+    and the paper's premises, per extractor; the premises are judged on the headline extractor."""
+    iv = cfg.stage.intervals
+    n_boot, level, seed = int(iv.n_boot), float(iv.level), int(iv.seed)
+    intervals, floors = {}, {}
+    for e in scorer.extractors:
+        real = scorer.real_features(e.name)
+        fake = {key: per_ext[e.name] for key, per_ext in features.items()}
+        r = e.rows_per_volume()
+        t0 = time.monotonic()
+        intervals[e.name] = bootstrap_scores(real, fake, n_boot, seed, level, rows_per_volume=r)
+        floors[e.name] = split_half_floor(real, int(iv.floor_splits), seed, level, rows_per_volume=r)
+        print(f"evaluate: {e.name}: {n_boot} bootstrap resamples in {time.monotonic() - t0:.1f} s")
+    headline = str(cfg.stage.metrics.headline_extractor)
+    premises = {
+        col: premise_checks(intervals[headline], calibration, floors[headline], col)
+        for col in [*scorer.reference.features[headline]]
+    }
+    return {"intervals": intervals, "floor": floors, "calibration": calibration, "premises": premises}
 
 
 def collect_results(
@@ -307,6 +369,8 @@ def write_outputs(cfg, run_dir: Path, results, real_preview, previews) -> dict[s
     figures = write_figures(
         run_dir / "figures", real_preview, previews, int(cfg.stage.get("figure_volumes", 2))
     )
+    if results.get("calibration"):
+        figures.append(write_calibration_figure(run_dir / "figures" / "calibration.png", results))
     print(markdown)
     if cfg.logger.name == "wandb":
         log_to_wandb(cfg, run_dir, results, figures)
@@ -319,6 +383,25 @@ def write_outputs(cfg, run_dir: Path, results, real_preview, previews) -> dict[s
         "missing": results["missing"],
         "fid": results["fid"],
         "gap_closed": results["gap_closed"],
+        "headline": results["headline"],
+        "headline_table": headline_summary(results),
+    }
+
+
+def headline_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's short form of the headline numbers: FID/KID with intervals, gap closed, verdicts."""
+    name = results["headline"]["extractor"]
+    iv = results["intervals"][name]
+    keys = [m["key"] for m in results["models"]]
+    return {
+        "extractor": name,
+        "scores": {metric: {k: iv["scores"][metric][k] for k in keys} for metric in ("fid", "kid")},
+        "gap_closed": iv.get("gap_closed"),
+        "verdict": iv.get("verdict"),
+        "floor": results["floor"][name],
+        "premises_passed": {
+            col: all(check["passed"] for check in checks) for col, checks in results["premises"].items()
+        },
     }
 
 
