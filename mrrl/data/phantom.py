@@ -212,37 +212,62 @@ def _check_label(kind: str, label: str) -> None:
         raise ValueError(f"unknown {kind} class {label!r}; choose from {list(PHANTOM_CLASSES[kind])}")
 
 
-def _tumor_params(label: str, rng: np.random.Generator) -> dict[str, Any]:
-    u = rng.uniform
-    if label == "HGG":  # large, necrotic, ring-enhancing, with oedema
-        return dict(
-            radius_mm=u(14, 28),
-            necrosis_fraction=u(0.35, 0.7),
-            edema_ratio=u(1.25, 1.75),
-            enhancement=u(0.25, 0.7),
-            irregularity=u(0.12, 0.3),
-            mass_effect=u(0.2, 0.5),
-            boundary_width=u(0.06, 0.12),
-            edema_flair=u(0.75, 0.95),
-            hyperintensity=0.0,
+# Parameter ranges per class, in the order they are drawn. A constant is a range of zero width (no draw).
+_TUMOR_RANGES = {
+    "HGG": dict(  # large, necrotic, ring-enhancing, with oedema
+        radius_mm=(14, 28),
+        necrosis_fraction=(0.35, 0.7),
+        edema_ratio=(1.25, 1.75),
+        enhancement=(0.25, 0.7),
+        irregularity=(0.12, 0.3),
+        mass_effect=(0.2, 0.5),
+        boundary_width=(0.06, 0.12),
+        edema_flair=(0.75, 0.95),
+        hyperintensity=(0.0, 0.0),
+    ),
+    "LGG": dict(  # smaller, diffuse, non-enhancing, mild T2/FLAIR hyperintensity, little oedema
+        radius_mm=(9, 20),
+        necrosis_fraction=(0.0, 0.0),
+        edema_ratio=(1.0, 1.25),
+        enhancement=(0.0, 0.0),
+        irregularity=(0.2, 0.45),
+        mass_effect=(0.05, 0.3),
+        boundary_width=(0.2, 0.35),
+        edema_flair=(0.0, 0.0),
+        hyperintensity=(0.12, 0.3),
+    ),
+}
+_SEVERITY_RANGES = {"AD": (0.35, 1.0), "CN": (0.0, 0.5)}  # CN: normal ageing, overlaps mild AD
+
+
+def _blend(own: tuple[float, float], other: tuple[float, float], separation: float) -> tuple[float, float]:
+    """``separation`` 1 keeps a class's own range (exactly); 0 gives both classes the average range."""
+    mid = [(a + b) / 2 for a, b in zip(own, other)]
+    return tuple(separation * o + (1.0 - separation) * m for o, m in zip(own, mid))  # type: ignore[return-value]
+
+
+def check_separation(separation: float) -> float:
+    separation = float(separation)
+    if not 0.0 <= separation <= 1.0:
+        raise ValueError(
+            f"class_separation must be in [0, 1] (1 = the default classes, 0 = identical), got {separation}"
         )
-    # LGG: smaller, diffuse, non-enhancing, mild T2/FLAIR hyperintensity, little oedema
-    return dict(
-        radius_mm=u(9, 20),
-        necrosis_fraction=0.0,
-        edema_ratio=u(1.0, 1.25),
-        enhancement=0.0,
-        irregularity=u(0.2, 0.45),
-        mass_effect=u(0.05, 0.3),
-        boundary_width=u(0.2, 0.35),
-        edema_flair=0.0,
-        hyperintensity=u(0.12, 0.3),
-    )
+    return separation
 
 
-def _atrophy_params(label: str, rng: np.random.Generator) -> dict[str, Any]:
+def _tumor_params(label: str, rng: np.random.Generator, separation: float = 1.0) -> dict[str, Any]:
+    other = "LGG" if label == "HGG" else "HGG"
+    out = {}
+    for key, own in _TUMOR_RANGES[label].items():
+        lo, hi = _blend(own, _TUMOR_RANGES[other][key], separation)
+        out[key] = lo if lo == hi else rng.uniform(lo, hi)
+    return out
+
+
+def _atrophy_params(label: str, rng: np.random.Generator, separation: float = 1.0) -> dict[str, Any]:
     u = rng.uniform
-    severity = u(0.35, 1.0) if label == "AD" else u(0.0, 0.5)  # CN: normal ageing, overlaps mild AD
+    other = "CN" if label == "AD" else "AD"
+    severity = u(*_blend(_SEVERITY_RANGES[label], _SEVERITY_RANGES[other], separation))
     p = dict(
         severity=severity, gm_thinning=severity * u(0.3, 0.45), ventricle_expansion=severity * u(0.35, 0.5)
     )
@@ -266,10 +291,19 @@ def _atrophy_params(label: str, rng: np.random.Generator) -> dict[str, Any]:
     return p
 
 
-def sample_params(kind: str, label: str, rng: np.random.Generator) -> dict[str, Any]:
-    """One subject's random parameters: pathology (class dependent) and acquisition. Cheap, no volumes."""
+def sample_params(kind: str, label: str, rng: np.random.Generator, separation: float = 1.0) -> dict[str, Any]:
+    """One subject's random parameters: pathology (class dependent) and acquisition. Cheap, no volumes.
+
+    ``separation`` < 1 pulls both classes' pathology ranges towards their average (harder to tell apart).
+    """
     _check_label(kind, label)
-    p = _tumor_params(label, rng) if kind == "tumor" else _atrophy_params(label, rng)
+    separation = check_separation(separation)
+    if kind == "tumor":
+        p = _tumor_params(label, rng, separation)
+        if separation != 1.0:
+            p["separation"] = separation
+    else:
+        p = _atrophy_params(label, rng, separation)
     u = rng.uniform
     n_images = len(BRATS_MODALITIES) if kind == "tumor" else 1
     p.update(
@@ -381,7 +415,19 @@ def _tumor_center(template: Template, radius: float, rng: np.random.Generator) -
 
 
 def _tumor_values(p: dict[str, Any], hgg: bool) -> dict[str, tuple[float, float, float]]:
-    """(core, enhancing rim, oedema) intensity per modality; HGG core is necrosis, LGG core is tumour."""
+    """(core, enhancing rim, oedema) intensity per modality; HGG core is necrosis, LGG core is tumour.
+
+    With ``p["separation"]`` < 1 each class's map moves towards the other's (weight (1 + s) / 2 on its own).
+    """
+    own = _class_tumor_values(p, hgg)
+    s = float(p.get("separation", 1.0))
+    if s == 1.0:
+        return own
+    other, w = _class_tumor_values(p, not hgg), (1.0 + s) / 2.0
+    return {m: tuple(w * a + (1.0 - w) * b for a, b in zip(own[m], other[m])) for m in own}  # type: ignore[misc]
+
+
+def _class_tumor_values(p: dict[str, Any], hgg: bool) -> dict[str, tuple[float, float, float]]:
     if hgg:
         return {
             "t1": (0.30, 0.55, 0.60),
@@ -513,13 +559,15 @@ def _atrophy_subject(template: Template, p: dict, coords: np.ndarray, rng) -> Ph
     return PhantomSubject({"t1": image}, None, template.affine.copy(), p, tissue)
 
 
-def generate_subject(kind: str, label: str, seed: int, template: Template) -> PhantomSubject:
-    """One synthetic subject; a pure function of (kind, label, seed) and the template."""
+def generate_subject(
+    kind: str, label: str, seed: int, template: Template, separation: float = 1.0
+) -> PhantomSubject:
+    """One synthetic subject; a pure function of (kind, label, seed, separation) and the template."""
     _check_label(kind, label)
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     rng = np.random.default_rng([int(seed), _KIND_CODES[kind], PHANTOM_CLASSES[kind].index(label)])
-    p = sample_params(kind, label, rng)
+    p = sample_params(kind, label, rng, separation)
     coords = _subject_coords(template, p, rng)
     if kind == "tumor":
         return _tumor_subject(template, label, p, coords, rng)
@@ -588,6 +636,7 @@ class _Job:
     relpath: str
     out_root: str
     resolution_mm: float
+    separation: float = 1.0
 
 
 def _subject_seed(seed: int, kind: str, label: str, index: int) -> int:
@@ -595,7 +644,9 @@ def _subject_seed(seed: int, kind: str, label: str, index: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
-def _plan(kind: str, counts: dict[str, int], seed: int, out_root: Path, res: float) -> list[_Job]:
+def _plan(
+    kind: str, counts: dict[str, int], seed: int, out_root: Path, res: float, separation: float = 1.0
+) -> list[_Job]:
     """Every subject's name, folder and seed. OASIS IDs are a seeded shuffle so they do not reveal the class."""
     pairs = [(label, i) for label in PHANTOM_CLASSES[kind] for i in range(counts[label])]
     if kind == "tumor":
@@ -608,13 +659,17 @@ def _plan(kind: str, counts: dict[str, int], seed: int, out_root: Path, res: flo
             f"disc{pos // OASIS_SUBJECTS_PER_DISC + 1}/{name}" for pos, (_, _, name) in enumerate(named)
         ]
     return [
-        _Job(kind, label, i, _subject_seed(seed, kind, label, i), name, folder, str(out_root), res)
+        _Job(
+            kind, label, i, _subject_seed(seed, kind, label, i), name, folder, str(out_root), res, separation
+        )
         for (label, i, name), folder in zip(named, folders)
     ]
 
 
 def _make_one(job: _Job) -> dict[str, Any]:
-    subject = generate_subject(job.kind, job.label, job.seed, load_template(job.resolution_mm))
+    subject = generate_subject(
+        job.kind, job.label, job.seed, load_template(job.resolution_mm), job.separation
+    )
     target = Path(job.out_root) / job.relpath
     (_write_brats if job.kind == "tumor" else _write_oasis)(subject, target)
     return {
@@ -696,12 +751,16 @@ def make_phantom_cohort(
     resolution_mm: float = 2.0,
     workers: int = 1,
     progress: bool = True,
+    class_separation: float = 1.0,
 ) -> Path:
     """Write a synthetic two-class cohort to ``root`` (BraTS 2019 layout for tumor, OASIS-1 for atrophy).
 
     Idempotent: ``root/.phantom_complete.json`` is written last; with identical parameters the call returns
     at once. Otherwise the cohort is built in a temporary sibling folder and renamed into place, so an
     interrupted run never leaves a folder that looks complete.
+
+    ``class_separation`` in [0, 1] sets how different the two classes are (1: the default ranges; lower
+    values pull both classes' pathology parameters and intensities towards their average: a harder task).
     """
     if kind not in PHANTOM_CLASSES:
         raise ValueError(f"unknown phantom kind {kind!r}; choose from {sorted(PHANTOM_CLASSES)}")
@@ -715,6 +774,8 @@ def make_phantom_cohort(
         "seed": int(seed),
         "resolution_mm": float(resolution_mm),
     }
+    if check_separation(class_separation) != 1.0:  # absent at 1: cohorts made before the option stay valid
+        config["class_separation"] = float(class_separation)
     if _read_marker(root) == config:
         return root
     if root.exists():
@@ -724,7 +785,9 @@ def make_phantom_cohort(
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir()
-        jobs = _plan(kind, config["n_per_class"], config["seed"], tmp, config["resolution_mm"])
+        jobs = _plan(
+            kind, config["n_per_class"], config["seed"], tmp, config["resolution_mm"], float(class_separation)
+        )
         results = _run(jobs, int(workers), progress)
         if kind == "atrophy":
             _write_csv(tmp / OASIS_CSV_NAME, [_oasis_row(r["name"], r["params"]) for r in results])
