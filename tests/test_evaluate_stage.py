@@ -386,3 +386,58 @@ def test_two_ranks_share_the_sampling_and_match_one_process(experiment, tmp_path
     fid = json.loads((run_dir / "manifest.json").read_text())["outputs"]["fid"]["random3d"]
     for model in ("standard", "vqgan"):
         assert fid[model] == pytest.approx(single["fid"]["random3d"][model], rel=1e-4)
+
+
+def test_calibration_ladder_is_monotone_on_a_phantom_cohort(experiment, tmp_path: Path) -> None:
+    """The instrument validated, not assumed: phantom test volumes noised t of 20 DDIM steps forward and
+    denoised back score a higher FID at every larger t, for every extractor (and the premise says so)."""
+    from mrrl.data.phantom import make_phantom_cohort
+
+    _, run_root = experiment
+    vqgan_ckpt = json.loads((run_root / "ev" / "vqgan" / "manifest.json").read_text())["outputs"]["best_ckpt"]
+    std = tiny_diffusion_ckpt(tmp_path / "ema.pt", vqgan_ckpt, seed=1)
+    cohort = make_phantom_cohort("tumor", tmp_path / "phantom", 8, seed=0, resolution_mm=8.0, progress=False)
+    cfg = eval_cfg(
+        (cohort, run_root),
+        f"stage.vqgan_ckpt={vqgan_ckpt}",
+        f"stage.diffusion_ckpt={std}",
+        "data.test_per_class=6",
+        "stage.n_per_class=6",
+        "stage.num_steps=3",
+        "stage.eta=0.0",
+        "stage.sample_batch_size=6",
+        "stage.calibration.ladder_steps=[0,4,10,20]",
+        "stage.calibration.ladder_num_steps=20",
+        "stage.calibration.synthetic_steps=[]",
+        "logger=none",
+        name="evladder",
+    )
+    outputs = evaluate_stage.run(cfg, tmp_path / "run")
+    metrics = json.loads(Path(outputs["metrics_json"]).read_text())
+    assert set(metrics["intervals"]) == set(EXTRACTORS)
+    for ext, iv in metrics["intervals"].items():
+        fid = [iv["scores"]["fid"][f"ladder_t{t:03d}"]["All"]["value"] for t in (0, 4, 10, 20)]
+        assert fid == sorted(fid) and fid[-1] > fid[0], (ext, fid)
+    premise = next(p for p in metrics["premises"]["All"] if p["premise"].startswith("reconstruction"))
+    assert premise["monotone"] and premise["passed"]
+    assert (tmp_path / "run" / "figures" / "calibration.png").is_file()
+    table = Path(outputs["table_md"]).read_text()
+    assert "## Headline: random2d (held out ✓)" in table and "reconstruction FID rises with t" in table
+
+
+def test_headline_extractor_that_labelled_the_reward_data_is_flagged(experiment, tmp_path: Path) -> None:
+    from mrrl.evaluation.judge import headline_judge
+    from mrrl.manifest import write_manifest
+    from mrrl.metrics import build_extractor
+
+    _, run_root = experiment
+    extractors = [build_extractor("random3d", seed=0), build_extractor("random2d", seed=0)]
+    write_manifest(run_root / "evjudge" / "reward_data", "reward_data", {"extractor": extractors[0].identity})
+    cfg = eval_cfg((tmp_path, run_root), name="evjudge")
+    with pytest.warns(UserWarning, match="NOT HELD OUT"):
+        judged = headline_judge(cfg, extractors, "random3d")
+    assert not judged["held_out"] and judged["coincides_with"] == ["reward_data (reward labels)"]
+    fine = headline_judge(cfg, extractors, "random2d")
+    assert fine["held_out"] and fine["checked"] == ["reward_data (reward labels)"]
+    with pytest.raises(ConfigError, match="headline_extractor='medicalnet' is not among"):
+        headline_judge(cfg, extractors, "medicalnet")
