@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {  # in pipeline order
     "ppo": "mrrl.stages.ppo",
     "evaluate": "mrrl.stages.evaluate",
     "classify": "mrrl.stages.classify",
+    "export": "mrrl.stages.export",  # on demand only: in no experiment's pipeline.stages
 }
 
 
