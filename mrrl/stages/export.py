@@ -259,7 +259,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     affine = np.asarray(plan["geometry"]["affine"], dtype=np.float64)
     source_range = np.asarray(plan["geometry"]["source_range"], dtype=np.float64)
     modalities = list(datamodule.modalities)
-    t0, made, kept = time.monotonic(), 0, 0
+    t0, made, kept = time.monotonic(), [], 0
     for block in blocks[shard.rank :: shard.world]:
         todo = [c for c in block.cases if not is_written(datamodule.format, out_dir, c, modalities)]
         kept += len(block.cases) - len(todo)
@@ -271,19 +271,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                 volumes[case.seed_index], str(stage.intensity), model_range, source_range
             )
             write_case(datamodule.format, out_dir, case, written, affine, modalities)
-            made += 1
+            made.append(case.id)
     seconds = time.monotonic() - t0
-    print(f"export: rank {shard.rank} wrote {made} case(s) in {seconds:.1f} s ({kept} were already there)")
+    print(f"export: rank {shard.rank} wrote {len(made)} case(s) in {seconds:.1f} s ({kept} already there)")
+    per_rank = [(made, seconds)]
     if shard.world > 1:
-        counts = [None] * shard.world
-        torch.distributed.all_gather_object(counts, (made, seconds))
-        made, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+        per_rank = [None] * shard.world
+        torch.distributed.all_gather_object(per_rank, (made, seconds))
     release_process_group()
     if not shard.is_zero:
         return None
-    return finish(
-        cfg, run_dir, out_dir, plan, blocks, datamodule, models, ckpt, row_key, made, seconds, shard
-    )
+    work = {"written_by_rank": [ids for ids, _ in per_rank], "seconds": max(t for _, t in per_rank)}
+    return finish(cfg, run_dir, out_dir, plan, blocks, datamodule, models, ckpt, row_key, work, shard)
 
 
 def quality_summary(volumes: list[np.ndarray], threshold: float) -> dict[str, Any]:
@@ -299,9 +298,10 @@ def quality_summary(volumes: list[np.ndarray], threshold: float) -> dict[str, An
     }
 
 
-def finish(cfg, run_dir, out_dir, plan, blocks, datamodule, models, ckpt, row_key, made, seconds, shard):
+def finish(cfg, run_dir, out_dir, plan, blocks, datamodule, models, ckpt, row_key, work, shard):
     """Rank 0: read every case back (shape check + quality), write labels, provenance, model, manifest."""
     stage = cfg.stage
+    made, seconds = sum(len(ids) for ids in work["written_by_rank"]), work["seconds"]
     layout, modalities = datamodule.format, list(datamodule.modalities)
     cases = [c for b in blocks for c in b.cases]
     missing = [c.id for c in cases if not is_written(layout, out_dir, c, modalities)]
@@ -380,6 +380,7 @@ def finish(cfg, run_dir, out_dir, plan, blocks, datamodule, models, ckpt, row_ke
         "provenance": str(provenance_path.resolve()),
         "n_cases": len(cases),
         "made_this_run": made,
+        "written_by_rank": work["written_by_rank"],
         "seconds": round(seconds, 3),
         "volumes_per_second": round(made / seconds, 4) if made and seconds > 0 else None,
         "plan": plan,
