@@ -19,8 +19,8 @@ from mrrl.errors import ManifestError
 from mrrl.utils.io import atomic_path, atomic_write_json
 
 FORMAT = "mrrl.export.weights/1"
-DIFFUSION = "diffusion"
-VQGAN = "vqgan"
+DIFFUSION_FILE = "diffusion"
+VQGAN_FILE = "vqgan"
 
 
 class ExportedModel(NamedTuple):
@@ -48,8 +48,8 @@ def save_exported_model(
     """Write ``diffusion.{safetensors,json}`` and ``vqgan.{safetensors,json}``; return their paths."""
     model_dir = Path(model_dir)
     files = {
-        "diffusion_weights": _save_tensors(loaded.denoiser.unet, model_dir / f"{DIFFUSION}.safetensors"),
-        "vqgan_weights": _save_tensors(vqgan, model_dir / f"{VQGAN}.safetensors"),
+        "diffusion_weights": _save_tensors(loaded.denoiser.unet, model_dir / f"{DIFFUSION_FILE}.safetensors"),
+        "vqgan_weights": _save_tensors(vqgan, model_dir / f"{VQGAN_FILE}.safetensors"),
     }
     diffusion_cfg = {
         "format": FORMAT,
@@ -59,8 +59,10 @@ def save_exported_model(
         "latent_shape": list(loaded.latent_shape),
         "provenance": provenance,
     }
-    files["diffusion_config"] = atomic_write_json(model_dir / f"{DIFFUSION}.json", diffusion_cfg)
-    files["vqgan_config"] = atomic_write_json(model_dir / f"{VQGAN}.json", {"format": FORMAT, **vqgan_config})
+    files["diffusion_config"] = atomic_write_json(model_dir / f"{DIFFUSION_FILE}.json", diffusion_cfg)
+    files["vqgan_config"] = atomic_write_json(
+        model_dir / f"{VQGAN_FILE}.json", {"format": FORMAT, **vqgan_config}
+    )
     return {k: str(Path(v).resolve()) for k, v in files.items()}
 
 
@@ -80,13 +82,13 @@ def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu
     from mrrl.nets import VQGAN
 
     model_dir = Path(model_dir)
-    diffusion_cfg = _read_json(model_dir / f"{DIFFUSION}.json")
-    vqgan_cfg = _read_json(model_dir / f"{VQGAN}.json")
+    diffusion_cfg = _read_json(model_dir / f"{DIFFUSION_FILE}.json")
+    vqgan_cfg = _read_json(model_dir / f"{VQGAN_FILE}.json")
     hparams = diffusion_cfg["hyper_parameters"]
     denoiser = denoiser_from_hparams(hparams)
-    denoiser.unet.load_state_dict(load_file(str(model_dir / f"{DIFFUSION}.safetensors")))
+    denoiser.unet.load_state_dict(load_file(str(model_dir / f"{DIFFUSION_FILE}.safetensors")))
     vqgan = VQGAN(**vqgan_cfg["net"], in_channels=int(vqgan_cfg["in_channels"]))
-    vqgan.load_state_dict(load_file(str(model_dir / f"{VQGAN}.safetensors")))
+    vqgan.load_state_dict(load_file(str(model_dir / f"{VQGAN_FILE}.safetensors")))
     loaded = LoadedDiffusion(
         denoiser=denoiser.to(device).eval().requires_grad_(False),
         scale_factor=float(diffusion_cfg["scale_factor"]),
