@@ -331,3 +331,47 @@ def test_safetensors_weights_reload_without_pickle_to_identical_samples(
     expected = reference.sample(block, settings, (-1.0, 1.0))
     reference.loaded, reference.vqgan = loaded.diffusion, loaded.vqgan
     assert torch.equal(reference.sample(block, settings, (-1.0, 1.0)), expected)
+
+
+def test_model_card_shows_the_table2_row_training_and_reward_accuracy(tmp_path: Path) -> None:
+    from mrrl.export.model_card import render_model_card
+    from mrrl.manifest import write_manifest
+
+    exp, ckpt = tmp_path / "exp", tmp_path / "final.ckpt"
+    ckpt.write_bytes(b"weights")
+    fids = {"HGG": 12.5, "LGG": 14.0, "All": 13.25}
+    metrics = {
+        "classes": CLASSES,
+        "split": "test",
+        "models": [{"key": "rl", "label": "RL fine-tuned", "source": str(ckpt), "n_per_class": {"HGG": 3}}],
+        "extractors": [{"name": "random3d"}],
+        "scores": [
+            {"model": "rl", "extractor": "random3d", "class": c, "fid": f, "fid_ci_low": f - 1}
+            for c, f in fids.items()
+        ],
+    }
+    (exp / "evaluate").mkdir(parents=True)
+    (exp / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    write_manifest(exp / "evaluate", "evaluate", {"metrics_json": str(exp / "evaluate" / "metrics.json")})
+    write_manifest(
+        exp / "reward", "reward", {"models": {"r3d": {"val": {"rank_acc": 0.75, "spearman": 0.5}}}}
+    )
+    write_manifest(exp / "ppo", "ppo", {"final_ckpt": str(ckpt), "iterations": 7, "skipped_updates": 0})
+    write_manifest(exp / "diffusion", "diffusion", {"global_step": 123, "val_loss": 0.05})
+    provenance = {
+        "model": "rl",
+        "checkpoint": {"path": str(ckpt), "sha256": "abc123", "vqgan_path": str(tmp_path / "vq.ckpt")},
+        "classes": CLASSES,
+        "image_shape": [1, 16, 16, 16],
+        "modalities": ["flair"],
+        "sampling": {"sampler": "ddim", "num_steps": 3, "eta": 0.0, "guidance_scale": 1.0},
+        "mrrl_version": "0.1.0",
+    }
+    summary = {"dataset": "brats2019", "root": "/data", "counts": {"total": {"HGG": 4, "LGG": 4, "All": 8}}}
+    card = render_model_card(exp, provenance, summary, "rl")
+    assert "| random3d FID | 12.5 (fid_ci_low 11.5) | 14 (fid_ci_low 13) | 13.25 (fid_ci_low 12.25) |" in card
+    assert "r3d: val ranking accuracy 0.75" in card
+    assert "123 steps" in card and "7 iterations" in card
+    assert "not for clinical diagnosis" in card and "abc123" in card
+    bare = render_model_card(tmp_path / "none", provenance, summary, "checkpoint")
+    assert "No evaluate manifest" in bare and "No reward manifest" in bare
