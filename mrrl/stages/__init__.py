@@ -9,7 +9,7 @@ from typing import Any
 
 from mrrl.errors import ConfigError
 
-STAGES: dict[str, str] = {  # in pipeline order
+STAGES: dict[str, str] = {  # every stage; the pipeline ones in pipeline order
     "check_data": "mrrl.stages.check_data",
     "vqgan": "mrrl.stages.vqgan",
     "diffusion": "mrrl.stages.diffusion",
@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {  # in pipeline order
     "classify": "mrrl.stages.classify",
     "export": "mrrl.stages.export",  # on demand only: in no experiment's pipeline.stages
 }
+PIPELINE_STAGES = tuple(s for s in STAGES if s != "export")  # what a full pipeline runs, in order
 
 
 def get_stage(name: str) -> Callable[[Any, Path], dict[str, Any] | None]:
