@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from mrrl.cli import CONFIG_DIR
 from mrrl.runtime import build_datamodule, build_loggers, trainer_kwargs
-from mrrl.stages import STAGES
+from mrrl.stages import PIPELINE_STAGES, STAGES
 
 
 def options(group: str) -> list[str]:
@@ -84,7 +84,7 @@ def test_experiments_compose_with_every_stage(tmp_path: Path, experiment: str) -
     assert all(stage in STAGES for stage in cfg.pipeline.stages)
     if experiment.startswith("demo"):
         assert cfg.trainer.accelerator == "cpu" and cfg.data.phantom is not None
-        assert list(cfg.pipeline.stages) == list(STAGES)  # the demo runs the whole pipeline
+        assert list(cfg.pipeline.stages) == list(PIPELINE_STAGES)  # the demo runs the whole pipeline
     for stage in STAGES:
         # Presets (conf/preset/<experiment>_<stage>.yaml) must only touch keys the stage knows.
         base = _compose([f"stage={stage}", f"paths.run_root={tmp_path}"]).stage

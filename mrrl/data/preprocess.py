@@ -100,6 +100,18 @@ def build_transform(cfg: PreprocessConfig) -> Compose:
 
 def preprocess_subject(subject: Subject, cfg: PreprocessConfig) -> np.ndarray:
     """Load every channel of a subject, validate it and return the preprocessed float32 ``[C, D, H, W]``."""
+    return preprocess_with_geometry(subject, cfg)[0]
+
+
+def preprocess_with_geometry(subject: Subject, cfg: PreprocessConfig) -> tuple[np.ndarray, dict]:
+    """``preprocess_subject`` plus the preprocessed grid's geometry, kept for writing NIfTI files later.
+
+    ``geometry``: ``affine`` (voxel -> mm of the preprocessed grid, as MONAI tracked it through
+    orientation, crop and resize), ``spacing_mm``, ``axcodes`` and ``source_range`` (per channel, the
+    intensities, after shifting the channel's minimum to 0, that were mapped onto ``cfg.intensity_range``).
+    """
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+
     channels, affine = [], None
     for path in subject.files:
         data, file_affine = load_volume(path)
@@ -112,11 +124,21 @@ def preprocess_subject(subject: Subject, cfg: PreprocessConfig) -> np.ndarray:
     # Shift each channel so its minimum is 0: foreground cropping and zero padding then mean "background".
     stacked = np.stack([c - c.min() for c in channels])
     volume = MetaTensor(torch.from_numpy(stacked), affine=torch.as_tensor(affine))
-    out = build_transform(cfg)(volume)
+    *spatial, scale = build_transform(cfg).transforms
+    resized = Compose(spatial)(volume)
+    source_range = [[float(percentile(c, p)) for p in cfg.percentiles] for c in resized]
+    out = scale(resized)
     array = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
     if not np.isfinite(array).all():
         raise VolumeError("preprocessing produced NaN/Inf voxels")
-    return array
+    grid = np.asarray(resized.affine, dtype=np.float64)
+    geometry = {
+        "affine": grid.tolist(),
+        "spacing_mm": np.linalg.norm(grid[:3, :3], axis=0).tolist(),
+        "axcodes": "".join(nib.aff2axcodes(grid)),
+        "source_range": source_range,
+    }
+    return array, geometry
 
 
 def source_signature(subject: Subject) -> list[list[object]]:
@@ -158,7 +180,7 @@ class VolumeCache:
     def build(self, subject: Subject) -> DataProblem | None:
         """Preprocess one subject into the cache; return the problem instead of raising."""
         try:
-            array = preprocess_subject(subject, self.cfg)
+            array, geometry = preprocess_with_geometry(subject, self.cfg)
         except VolumeError as exc:
             bad = _failing_file(subject, exc)
             return DataProblem(bad, str(exc))
@@ -166,7 +188,12 @@ class VolumeCache:
         # The sidecar is written last: a subject is cached only once both files are complete.
         atomic_write_json(
             self._meta_path(subject.id),
-            {"source": source_signature(subject), "shape": list(array.shape), "label": subject.label},
+            {
+                "source": source_signature(subject),
+                "shape": list(array.shape),
+                "label": subject.label,
+                "geometry": geometry,
+            },
         )
         return None
 

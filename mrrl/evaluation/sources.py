@@ -307,6 +307,11 @@ def load_volume_files(spec: ModelSpec, class_names: Sequence[str], image_shape: 
             if absent:
                 raise ConfigError(f"{source} has no array for class(es) {absent} (found {data.files})")
             return {c: _as_volumes(data[c], image_shape, f"{source}[{c}]") for c in class_names}
+    from mrrl.export import is_cohort, load_cohort_volumes
+
+    if is_cohort(source):  # a `mrrl stage=export` cohort: its NIfTI files, back in the model range
+        volumes = load_cohort_volumes(source, class_names)
+        return {c: _as_volumes(volumes[c], image_shape, f"{source} ({c})") for c in class_names}
     out = {}
     for c in class_names:
         path = source / f"{c}.npy"

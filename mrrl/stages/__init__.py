@@ -9,7 +9,7 @@ from typing import Any
 
 from mrrl.errors import ConfigError
 
-STAGES: dict[str, str] = {  # in pipeline order
+STAGES: dict[str, str] = {  # every stage; the pipeline ones in pipeline order
     "check_data": "mrrl.stages.check_data",
     "vqgan": "mrrl.stages.vqgan",
     "diffusion": "mrrl.stages.diffusion",
@@ -18,7 +18,9 @@ STAGES: dict[str, str] = {  # in pipeline order
     "ppo": "mrrl.stages.ppo",
     "evaluate": "mrrl.stages.evaluate",
     "classify": "mrrl.stages.classify",
+    "export": "mrrl.stages.export",  # on demand only: in no experiment's pipeline.stages
 }
+PIPELINE_STAGES = tuple(s for s in STAGES if s != "export")  # what a full pipeline runs, in order
 
 
 def get_stage(name: str) -> Callable[[Any, Path], dict[str, Any] | None]:
