@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import tiny_checkpoints
 
+from mrrl.diffusion import step_log_prob
 from mrrl.diffusion.generate import load_diffusion
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
 from mrrl.stages.ppo import PPOModule, save_policy_as_diffusion_checkpoint
@@ -37,6 +38,9 @@ PPO_CFG = {
     "buffer_dtype": "float32",
     "seed": 0,
     "fid_every": 0,
+    "fid_select": "kid",
+    "kl": {"adaptive": False, "target": 0.01, "error_clip": 0.2, "horizon": 2},
+    "reward": {"uncertainty_penalty": 0.0},
     "figure_every": 1000,
     "figure_volumes": 1,
     "decode_quantize": False,
@@ -123,6 +127,23 @@ def test_unchanged_policy_has_ratio_one_and_zero_kl(checkpoints) -> None:
         _, kl, stats = module._step_terms(buffer, idx, j, torch.ones(len(idx)))
         assert float(kl.detach()) == 0.0
         assert float(stats["approx_kl"]) == 0.0 and float(stats["clip_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("buffer_dtype", ["float32", "bfloat16"])
+def test_ratio_is_exactly_one_on_an_unchanged_policy(checkpoints, buffer_dtype: str) -> None:
+    """The old log-probs are computed on exactly what the buffer stores, whatever its dtype."""
+    module = make_module(checkpoints, buffer_dtype=buffer_dtype)
+    buffer = module.rollout()
+    assert buffer["latents"].dtype == getattr(torch, buffer_dtype)
+    idx = torch.arange(buffer["log_probs"].shape[0])
+    kwargs = {"sampler": "ddim", "eta": 1.0}
+    for j in range(buffer["log_probs"].shape[1]):
+        x_t = buffer["latents"][idx, j].float()
+        x_prev = buffer["latents"][idx, j + 1].float()
+        t, prev_t = buffer["timesteps"][j], buffer["prev_timesteps"][j]
+        new = step_log_prob(module.policy, x_t, x_prev, t, buffer["labels"], prev_t=prev_t, **kwargs)
+        ratio = torch.exp(new.log_prob - buffer["log_probs"][:, j])
+        assert torch.equal(ratio, torch.ones_like(ratio)), (j, (ratio - 1).abs().max())
 
 
 def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) -> None:

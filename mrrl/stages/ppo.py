@@ -45,6 +45,9 @@ from mrrl.latents import load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.nets.speed import SpeedOptions, enable_activation_checkpointing, maybe_compile, to_channels_last_3d
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
+from mrrl.ppo.kl import KLController
+from mrrl.ppo.selection import BestTracker
+from mrrl.reward.ensemble import RewardEnsemble
 from mrrl.runtime import build_datamodule
 from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, real_class_statistics
 from mrrl.utils.io import atomic_path
@@ -54,15 +57,32 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 FINAL_CKPT = "ppo_final.ckpt"
+BEST_CKPT = "ppo_best.ckpt"
+BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class MultiScaleReward:
-    """``w3d·R3D(x) + w2d·R2D(x)`` on decoded volumes; returns the total and each component."""
+    """``w3d·R3D(x) + w2d·R2D(x)`` on decoded volumes; returns the total and each component.
 
-    def __init__(self, r3d: torch.nn.Module | None, r2d: torch.nn.Module | None, w3d: float, w2d: float):
+    Each scale is one reward model or a :class:`~mrrl.reward.ensemble.RewardEnsemble`; an ensemble scores
+    ``mean − uncertainty_penalty·std`` over its members (``<scale>_std`` is returned beside the score).
+    """
+
+    def __init__(
+        self,
+        r3d: torch.nn.Module | RewardEnsemble | None,
+        r2d: torch.nn.Module | RewardEnsemble | None,
+        w3d: float,
+        w2d: float,
+        uncertainty_penalty: float = 0.0,
+    ):
         if (w3d and r3d is None) or (w2d and r2d is None):
             raise ConfigError("a reward model with a non-zero weight is missing")
-        self.models = {"r3d": (r3d, float(w3d)), "r2d": (r2d, float(w2d))}
+        if uncertainty_penalty < 0:
+            raise ConfigError(f"stage.reward.uncertainty_penalty must be ≥ 0, got {uncertainty_penalty}")
+        as_ensemble = lambda m: m if m is None or isinstance(m, RewardEnsemble) else RewardEnsemble([m])  # noqa: E731
+        self.models = {"r3d": (as_ensemble(r3d), float(w3d)), "r2d": (as_ensemble(r2d), float(w2d))}
+        self.uncertainty_penalty = float(uncertainty_penalty)
 
     def to(self, device: torch.device) -> MultiScaleReward:
         for model, _ in self.models.values():
@@ -77,9 +97,11 @@ class MultiScaleReward:
         for name, (model, weight) in self.models.items():
             if model is None or weight == 0:
                 continue
-            score = model.score_volumes(volumes).float().to(volumes.device)
-            out[name] = score
-            total = total + weight * score
+            scored = model.score(volumes, self.uncertainty_penalty)
+            out[name] = scored["score"]
+            if len(model.members) > 1:
+                out[f"{name}_std"] = scored["std"]
+            total = total + weight * scored["score"]
         out["total"] = total
         return out
 
@@ -101,7 +123,7 @@ class PPOModule(L.LightningModule):
         vqgan_ckpt: str,
         class_names: Sequence[str],
         ppo: Mapping[str, Any],
-        reward_ckpts: Mapping[str, str | None] | None = None,
+        reward_ckpts: Mapping[str, str | Sequence[str] | None] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -137,9 +159,18 @@ class PPOModule(L.LightningModule):
         if reward_ckpts is not None:
             from mrrl.reward.models import load_reward_model
 
-            models = {k: load_reward_model(v) if v else None for k, v in reward_ckpts.items()}
+            models = {
+                k: RewardEnsemble([load_reward_model(p) for p in ([v] if isinstance(v, str) else v)])
+                if v
+                else None
+                for k, v in reward_ckpts.items()
+            }
             self.reward_fn = MultiScaleReward(
-                models.get("r3d"), models.get("r2d"), self.cfg["w3d"], self.cfg["w2d"]
+                models.get("r3d"),
+                models.get("r2d"),
+                self.cfg["w3d"],
+                self.cfg["w2d"],
+                float(self.cfg["reward"]["uncertainty_penalty"]),
             )
         self.normalizer = PerClassRewardNormalizer(
             len(self.class_names),
@@ -147,9 +178,17 @@ class PPOModule(L.LightningModule):
             int(self.cfg["stat_min_count"]),
             float(self.cfg["adv_clip"]),
         )
+        if self.cfg["buffer_dtype"] not in BUFFER_DTYPES:
+            raise ConfigError(
+                f"stage.buffer_dtype must be one of {sorted(BUFFER_DTYPES)}, got {self.cfg['buffer_dtype']!r}"
+            )
+        self.kl = KLController.from_config(float(self.cfg["kl_coef"]), self.cfg["kl"])
+        self.best = BestTracker(f"{self.cfg['fid_select']}/mean")
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self.fid_probe: Callable[[PPOModule], dict[str, float]] | None = None
+        # Where the best-on-validation policy goes (``run`` sets it; None: not saved, only tracked).
+        self.best_path: Path | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def _select_trainable(self, trainable: str | Sequence[str]) -> None:
@@ -244,6 +283,9 @@ class PPOModule(L.LightningModule):
     def rollout(self) -> dict[str, Any]:
         n = int(self.cfg["rollout_batch_size"])
         labels = self._balanced_labels(n).to(self.device)
+        store = BUFFER_DTYPES[self.cfg["buffer_dtype"]]
+        # The chain is rounded to the buffer dtype as it is sampled: the old log-probs are computed on exactly
+        # the latents the buffer keeps, so an unchanged policy recomputes them bit for bit (ratio = 1).
         latents, trajectory = sample(
             self.policy,
             labels,
@@ -253,6 +295,7 @@ class PPOModule(L.LightningModule):
             generator=self._rank_generator(),
             shape=self.latent_shape,
             return_trajectory=True,
+            round_to=None if store == torch.float32 else store,
         )
         if not bool(trajectory.stochastic.all()):
             raise ConfigError(
@@ -265,7 +308,6 @@ class PPOModule(L.LightningModule):
         )
         assert self.reward_fn is not None, "PPOModule needs a reward function"
         rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
-        store = torch.bfloat16 if self.cfg.get("buffer_dtype") == "bfloat16" else torch.float32
         return {
             "labels": labels.cpu(),
             "latents": torch.stack([x.to("cpu", store) for x in trajectory.latents], dim=1),  # [B, K+1, ...]
