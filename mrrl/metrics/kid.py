@@ -22,7 +22,9 @@ def kernel_inception_distance(real: Tensor, fake: Tensor, degree: int = 3, coef:
     """Unbiased MMD² between feature rows ``real [m, d]`` and ``fake [n, d]`` (m, n ≥ 2)."""
     real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"KID needs feature rows [m, d] and [n, d], got {list(real.shape)} and {list(fake.shape)}")
+        raise ValueError(
+            f"KID needs feature rows [m, d] and [n, d], got {list(real.shape)} and {list(fake.shape)}"
+        )
     m, n = real.shape[0], fake.shape[0]
     if min(m, n) < 2:
         raise ValueError(f"KID needs at least 2 feature rows per side, got {m} real and {n} generated")

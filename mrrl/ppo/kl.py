@@ -32,8 +32,13 @@ class KLController:
 
     @classmethod
     def from_config(cls, kl_coef: float, kl: Mapping[str, Any]) -> KLController:
-        return cls(float(kl_coef), bool(kl["adaptive"]), float(kl["target"]), float(kl["error_clip"]),
-                   float(kl["horizon"]))
+        return cls(
+            float(kl_coef),
+            bool(kl["adaptive"]),
+            float(kl["target"]),
+            float(kl["error_clip"]),
+            float(kl["horizon"]),
+        )
 
     def update(self, kl: float) -> float:
         """Adapt β to the iteration's measured KL (no-op when not adaptive); returns the new β."""

@@ -25,8 +25,12 @@ class BestTracker:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "best_score": self.best_score, "best_iteration": self.best_iteration,
-                "history": [list(h) for h in self.history]}
+        return {
+            "metric": self.metric,
+            "best_score": self.best_score,
+            "best_iteration": self.best_iteration,
+            "history": [list(h) for h in self.history],
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best_score = float(state["best_score"])
