@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from helpers import tiny_checkpoints
+from lightning.pytorch.loggers import CSVLogger
 
 from mrrl.diffusion import step_log_prob
 from mrrl.diffusion.generate import load_diffusion
+from mrrl.errors import ConfigError
+from mrrl.evaluation.sources import GenerationSettings
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
-from mrrl.stages.ppo import PPOModule, save_policy_as_diffusion_checkpoint
+from mrrl.ppo.kl import KLController
+from mrrl.ppo.selection import BestTracker
+from mrrl.reward.ensemble import RewardEnsemble
+from mrrl.stages.ppo import MultiScaleReward, PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
 
 CLASSES = ["HGG", "LGG"]
 PPO_CFG = {
@@ -300,3 +307,120 @@ def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoin
         for value, label, adv in zip(rec["local"], rec["labels"], rec["adv"]):
             match = (r0["all"] == value) & (r0["all_labels"] == label)
             torch.testing.assert_close(adv, full[match][0])
+
+
+# ------------------------------------------------------------------------------------------ issue 15 options
+
+
+def test_adaptive_kl_coefficient_rises_above_target_and_falls_below() -> None:
+    kl = {"adaptive": True, "target": 0.1, "error_clip": 0.2, "horizon": 2}
+    controller = KLController.from_config(0.05, kl)
+    assert controller.update(0.3) == pytest.approx(0.05 * 1.1)  # KL 3× target: error clipped to +0.2, /2
+    assert controller.update(0.11) == pytest.approx(0.05 * 1.1 * 1.05)  # 10 % above: +0.1 / 2
+    rising = controller.coef
+    assert controller.update(0.0) == pytest.approx(rising * 0.9)  # far below: −0.2 / 2
+    assert controller.coef < rising
+    assert controller.update(0.1) == pytest.approx(rising * 0.9)  # on target: unchanged
+    fixed = KLController.from_config(0.05, {**kl, "adaptive": False})
+    assert fixed.update(10.0) == 0.05 and fixed.update(0.0) == 0.05
+    with pytest.raises(ConfigError, match="kl.target"):
+        KLController.from_config(0.05, {**kl, "target": 0.0})
+
+
+def test_adaptive_kl_is_applied_and_logged_in_training(checkpoints, tmp_path: Path) -> None:
+    """A target far above any KL reached: β falls every iteration, and ppo/kl_coef logs the β used."""
+    kl = {"adaptive": True, "target": 1.0e6, "error_clip": 0.2, "horizon": 1}
+    module = make_module(checkpoints, kl=kl, kl_coef=0.1)
+    trainer = _trainer(tmp_path, 3, logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(module)
+    assert module.kl.coef == pytest.approx(0.1 * 0.8**3)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("ppo/kl_coef")]
+    assert [float(r["ppo/kl_coef"]) for r in rows] == pytest.approx([0.1, 0.08, 0.064])
+
+
+def _trainer(tmp_path: Path, epochs: int, logger=False) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+
+
+def test_best_checkpoint_is_the_iteration_with_the_best_validation_probe(checkpoints, tmp_path: Path) -> None:
+    scripted = [0.5, 0.3, 0.1, 0.4, 0.2]  # probes at iterations 0 (before any update), 1, 2, 3, 4
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def probe(module: PPOModule) -> dict[str, float]:
+        iteration = int(module.iterations)
+        snapshots[iteration] = {k: v.detach().clone() for k, v in module.policy.unet.state_dict().items()}
+        return {"kid/mean": scripted[iteration], "fid/mean": 10.0 - iteration}  # FID would pick iteration 4
+
+    module = make_module(checkpoints, fid_every=1, fid_select="kid", lr=1e-3)
+    module.fid_probe = probe
+    module.best_path = tmp_path / "ppo_best.ckpt"
+    trainer = _trainer(tmp_path, 4, logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(module)
+    assert sorted(snapshots) == [0, 1, 2, 3, 4]
+    assert module.best.best_iteration == 2 and module.best.best_score == 0.1
+    best = torch.load(module.best_path, map_location="cpu", weights_only=False)
+    assert best["hyper_parameters"]["ppo_iterations"] == 2
+    tuned = load_diffusion(module.best_path).denoiser.unet.state_dict()
+    assert all(
+        torch.equal(tuned[k], v) for k, v in snapshots[2].items()
+    )  # the policy as it was at iteration 2
+    assert any(
+        not torch.equal(tuned[k], v) for k, v in module.policy.unet.state_dict().items()
+    )  # not the last
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("kid/mean")]
+    logged = {int(float(r["ppo/iteration"])): float(r["kid/mean"]) for r in rows}
+    assert logged == pytest.approx(dict(enumerate(scripted)))  # iteration 0 has a row of its own
+    state = module.best.state_dict()  # resumes with what it has seen
+    again = BestTracker("kid/mean")
+    again.load_state_dict(state)
+    assert again.best_iteration == 2 and not again.update(5, 0.2) and again.update(6, 0.05)
+
+
+def test_ensemble_penalty_lowers_the_reward_where_members_disagree() -> None:
+    class Fixed(torch.nn.Module):
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = torch.tensor(scores)
+
+        def score_volumes(self, volumes):
+            return self.scores
+
+    volumes = torch.zeros(2, 1, 4, 4, 4)
+    members = [Fixed([0.5, 0.2]), Fixed([0.5, 0.8])]  # agree on volume 0, disagree on volume 1 (same mean)
+    plain = MultiScaleReward(RewardEnsemble(members), None, 1.0, 0.0)(volumes)
+    penalised = MultiScaleReward(RewardEnsemble(members), None, 1.0, 0.0, uncertainty_penalty=1.0)(volumes)
+    torch.testing.assert_close(plain["total"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(penalised["total"], torch.tensor([0.5, 0.5 - 0.3]))
+    torch.testing.assert_close(penalised["r3d_std"], torch.tensor([0.0, 0.3]))
+    single = MultiScaleReward(members[0], None, 1.0, 0.0, uncertainty_penalty=1.0)(
+        volumes
+    )  # one model: no std
+    torch.testing.assert_close(single["total"], torch.tensor([0.5, 0.2]))
+    with pytest.raises(ConfigError, match="uncertainty_penalty"):
+        MultiScaleReward(members[0], None, 1.0, 0.0, uncertainty_penalty=-1.0)
+
+
+def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path: Path) -> None:
+    module = make_module(checkpoints, num_steps=3, eta=1.0, rollout_batch_size=4)
+    out = save_policy_as_diffusion_checkpoint(module, checkpoints["diffusion"], tmp_path / "ppo.ckpt")
+    hp = torch.load(out, map_location="cpu", weights_only=False)["hyper_parameters"]
+    base = torch.load(checkpoints["diffusion"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hp["sampling"] == rollout_sampling(module.cfg)
+    assert hp["sampling"]["num_steps"] == 3 and hp["sampling"]["eta"] == 1.0
+    assert hp["base_sampling"] == base.get("sampling")
+    # evaluate/classify with sampler keys null sample each checkpoint the way its own sampling says
+    settings = GenerationSettings(n_per_class=2, sampler=None, num_steps=None, eta=None)
+    resolved = settings.for_checkpoint(out)
+    assert (resolved.sampler, resolved.num_steps, resolved.eta) == ("ddim", 3, 1.0)
+    explicit = GenerationSettings(n_per_class=2, sampler="ddim", num_steps=7, eta=0.0).for_checkpoint(out)
+    assert (explicit.num_steps, explicit.eta) == (7, 0.0)  # an explicit setting applies to every row
