@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import lightning as L
@@ -424,3 +425,51 @@ def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path
     assert (resolved.sampler, resolved.num_steps, resolved.eta) == ("ddim", 3, 1.0)
     explicit = GenerationSettings(n_per_class=2, sampler="ddim", num_steps=7, eta=0.0).for_checkpoint(out)
     assert (explicit.num_steps, explicit.eta) == (7, 0.0)  # an explicit setting applies to every row
+
+
+def test_validation_probe_reads_only_the_validation_split(checkpoints, tmp_path: Path, monkeypatch) -> None:
+    from conftest import make_brats
+    from helpers import compose_cfg
+
+    from mrrl.manifest import write_manifest
+    from mrrl.metrics import build_extractor
+    from mrrl.runtime import build_datamodule
+    from mrrl.stages.ppo import ValidationProbe
+
+    root = make_brats(tmp_path / "brats", n_hgg=6, n_lgg=6, modalities=("flair",))
+    data = ["data=brats2019", f"data.root={root}", "data.image_size=16", "data.test_per_class=1"]
+    data += ["data.val_fraction=0.4", "data.progress=false", "experiment_name=probe"]
+    stage = [
+        "stage.num_steps=3",
+        "stage.fid_probe_n=2",
+        "stage.rollout_batch_size=2",
+        "stage.decode_quantize=false",
+    ]
+    cfg = compose_cfg(["stage=ppo", *data, *stage], tmp_path / "runs")
+    datamodule = build_datamodule(cfg).prepare()
+    asked: list[str] = []
+    original = datamodule.dataset
+    monkeypatch.setattr(
+        datamodule, "dataset", lambda split, **kw: asked.append(split) or original(split, **kw)
+    )
+    probe = ValidationProbe(cfg, datamodule)
+    val, test = set(datamodule.splits["val"]), set(datamodule.splits["test"])
+    read = {i for ids in probe.real_ids.values() for i in ids}
+    assert set(asked) == {"val"} and read == val and len(read) == 4 and not read & test
+    assert probe.extractor.identity != build_extractor("random3d", in_channels=1, seed=0).identity
+    metrics = probe(make_module(checkpoints))
+    assert set(asked) == {"val"}  # sampling and scoring read no real volume
+    assert {"fid/HGG", "fid/LGG", "fid/mean", "kid/HGG", "kid/LGG", "kid/mean"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    with pytest.raises(ConfigError, match="fid_probe_split.*test split"):
+        ValidationProbe(
+            compose_cfg(["stage=ppo", *data, "stage.fid_probe_split=test"], tmp_path / "runs"), datamodule
+        )
+    # The probe must not see the world through the reward data's extractor.
+    extractor = build_extractor("random3d", in_channels=1, seed=0)
+    write_manifest(
+        Path(cfg.paths.experiment_dir) / "reward_data", "reward_data", {"extractor": extractor.identity}
+    )
+    same = ["stage.fid_extractor_options.seed=0"]
+    with pytest.raises(ConfigError, match="labelled the reward data"):
+        ValidationProbe(compose_cfg(["stage=ppo", *data, *same], tmp_path / "runs"), datamodule)

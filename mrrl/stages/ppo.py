@@ -610,6 +610,11 @@ class ValidationProbe:
         self.real_features: dict[str, torch.Tensor] = {}
         for name in self.class_names:
             volumes, ids = real_class_set(datamodule, self.split, name)
+            if len(ids) < 2:
+                raise ConfigError(
+                    f"the {self.split} split has {len(ids)} {name} volume(s); the probe's FID/KID need ≥ 2: "
+                    "raise data.val_fraction, or set stage.fid_probe_split=train or stage.fid_every=0"
+                )
             self.real_ids[name] = list(ids)
             (self.real_features[name],) = extract_features([self.extractor], volumes, 8, "cpu")
 
