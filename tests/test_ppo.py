@@ -427,8 +427,19 @@ def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path
     assert (explicit.num_steps, explicit.eta) == (7, 0.0)  # an explicit setting applies to every row
 
 
-def test_validation_probe_reads_only_the_validation_split(checkpoints, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory) -> list[str]:
+    """Data overrides of a 16³ BraTS-layout cohort with 2 validation and 1 test volume per class."""
     from conftest import make_brats
+
+    root = make_brats(tmp_path_factory.mktemp("probe") / "brats", n_hgg=6, n_lgg=6, modalities=("flair",))
+    data = ["data=brats2019", f"data.root={root}", "data.image_size=16", "data.test_per_class=1"]
+    return [*data, "data.val_fraction=0.4", "data.progress=false", "experiment_name=probe"]
+
+
+def test_validation_probe_reads_only_the_validation_split(
+    checkpoints, probe_data, tmp_path: Path, monkeypatch
+) -> None:
     from helpers import compose_cfg
 
     from mrrl.manifest import write_manifest
@@ -436,9 +447,7 @@ def test_validation_probe_reads_only_the_validation_split(checkpoints, tmp_path:
     from mrrl.runtime import build_datamodule
     from mrrl.stages.ppo import ValidationProbe
 
-    root = make_brats(tmp_path / "brats", n_hgg=6, n_lgg=6, modalities=("flair",))
-    data = ["data=brats2019", f"data.root={root}", "data.image_size=16", "data.test_per_class=1"]
-    data += ["data.val_fraction=0.4", "data.progress=false", "experiment_name=probe"]
+    data = probe_data
     stage = [
         "stage.num_steps=3",
         "stage.fid_probe_n=2",
@@ -473,3 +482,79 @@ def test_validation_probe_reads_only_the_validation_split(checkpoints, tmp_path:
     same = ["stage.fid_extractor_options.seed=0"]
     with pytest.raises(ConfigError, match="labelled the reward data"):
         ValidationProbe(compose_cfg(["stage=ppo", *data, *same], tmp_path / "runs"), datamodule)
+
+
+def test_evaluate_takes_the_final_or_the_best_ppo_policy(tmp_path: Path) -> None:
+    from helpers import compose_cfg
+
+    from mrrl.evaluation.sources import discover_models
+    from mrrl.manifest import write_manifest
+
+    final, best = tmp_path / "ppo_final.ckpt", tmp_path / "ppo_best.ckpt"
+    final.write_bytes(b"x")
+    best.write_bytes(b"x")
+
+    def rl_row(*overrides: str):
+        cfg = compose_cfg(["stage=evaluate", "experiment_name=pick", *overrides], tmp_path / "runs")
+        write_manifest(Path(cfg.paths.experiment_dir) / "ppo", "ppo", outputs)
+        specs, missing = discover_models(cfg)
+        return next((s.source for s in specs if s.key == "rl"), missing.get("rl"))
+
+    outputs = {"final_ckpt": str(final), "best_ckpt": str(best)}
+    assert rl_row() == str(final)  # default: final
+    assert rl_row("stage.ppo_checkpoint=best") == str(best)
+    outputs = {"final_ckpt": str(final), "best_ckpt": None}  # PPO ran without a probe
+    assert "best_ckpt" in rl_row("stage.ppo_checkpoint=best")
+    with pytest.raises(ConfigError, match="ppo_checkpoint"):
+        rl_row("stage.ppo_checkpoint=median")
+
+
+def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
+    checkpoints, probe_data, tmp_path: Path
+) -> None:
+    from helpers import compose_cfg
+
+    from mrrl.reward import build_reward_net
+    from mrrl.stages import ppo as ppo_stage
+
+    net = {"arch": "resnet10", "width": 4, "conv1_kernel": 3}
+    r3d = build_reward_net("r3d", (1, 16, 16, 16), net, load_pretrained=False)
+    torch.save(
+        {"hyper_parameters": {"kind": "r3d", "image_shape": [1, 16, 16, 16], "net": net},
+         "state_dict": {f"net.{k}": v for k, v in r3d.state_dict().items()}},
+        tmp_path / "r3d.ckpt",
+    )  # fmt: skip
+    stage = [
+        f"stage.diffusion_ckpt={checkpoints['diffusion']}",
+        f"stage.vqgan_ckpt={checkpoints['vqgan']}",
+        f"stage.r3d_ckpt={tmp_path / 'r3d.ckpt'}",
+        "stage.w2d=0",
+        "stage.num_steps=3",
+        "stage.rollout_batch_size=4",
+        "stage.train_batch_size=4",
+        "stage.min_step_std=0",
+        "stage.decode_quantize=false",
+        "stage.fid_every=1",
+        "stage.fid_probe_n=2",
+        "stage.figure_every=100",
+        "stage.progress_bar=false",
+        "stage.trainer.max_epochs=2",
+        "stage.kl.adaptive=true",
+        "logger=none",
+    ]
+    cfg = compose_cfg(["stage=ppo", *probe_data, *stage], tmp_path / "runs")
+    run_dir = tmp_path / "ppo"
+    outputs = ppo_stage.run(cfg, run_dir)
+    probe = outputs["probe"]
+    assert [i for i, _ in probe["history"]] == [0, 1, 2] and probe["split"] == "val"
+    scores = dict(probe["history"])
+    assert probe["best_iteration"] == min(scores, key=scores.get) and probe["metric"] == "kid/mean"
+    assert outputs["best_ckpt"] == str((run_dir / "ppo_best.ckpt").resolve()) != outputs["final_ckpt"]
+    best = torch.load(outputs["best_ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert best["ppo_iterations"] == probe["best_iteration"]
+    final = torch.load(outputs["final_ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert (
+        final["ppo_iterations"] == 2
+        and final["sampling"]["num_steps"] == 3 == outputs["sampling"]["num_steps"]
+    )
+    assert outputs["kl_coef_final"] != 0.01  # the adaptive controller moved β from kl_coef
