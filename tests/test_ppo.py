@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from mrrl.diffusion import step_log_prob
 from mrrl.diffusion.generate import load_diffusion
 from mrrl.errors import ConfigError
-from mrrl.evaluation.sources import GenerationSettings
+from mrrl.evaluation.sources import GenerationSettings, ModelSpec, VolumeContext, model_volumes
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
 from mrrl.ppo.kl import KLController
 from mrrl.ppo.selection import BestTracker
@@ -425,6 +426,15 @@ def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path
     assert (resolved.sampler, resolved.num_steps, resolved.eta) == ("ddim", 3, 1.0)
     explicit = GenerationSettings(n_per_class=2, sampler="ddim", num_steps=7, eta=0.0).for_checkpoint(out)
     assert (explicit.num_steps, explicit.eta) == (7, 0.0)  # an explicit setting applies to every row
+    # Through the evaluate row: sampled with 3 steps, and the row and its sample cache say so.
+    ctx = VolumeContext(CLASSES, {}, {}, (1, 16, 16, 16), settings, tmp_path / "samples")
+    produced = model_volumes(ModelSpec("rl", "RL", "diffusion", str(out)), ctx)
+    assert produced.volumes["HGG"].shape == (2, 1, 16, 16, 16)
+    assert produced.generation["num_steps"] == 3 and produced.generation["eta"] == 1.0
+    sidecar = json.loads((tmp_path / "samples" / "rl" / "HGG.json").read_text())
+    assert (sidecar["sampler"], sidecar["num_steps"], sidecar["eta"]) == ("ddim", 3, 1.0)
+    with pytest.raises(ConfigError, match="records no sampling"):
+        settings.for_checkpoint(checkpoints["diffusion"])  # the tiny base checkpoint records none
 
 
 @pytest.fixture(scope="module")
