@@ -112,7 +112,7 @@ def random_diffusion_ckpt(path: Path, vqgan_ckpt: Path, seed: int) -> Path:
             "use_flash_attention": False,
         },
         "schedule": {"num_train_timesteps": 100, "schedule": "linear_beta", "prediction_type": "epsilon"},
-        "sampling": {"decode_quantize": True},
+        "sampling": {"sampler": "ddim", "num_steps": 50, "eta": 1.0, "decode_quantize": True},
     }
     torch.manual_seed(seed)
     unet = denoiser_from_hparams(hparams).unet

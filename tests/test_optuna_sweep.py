@@ -245,6 +245,7 @@ def test_ppo_optuna_sweep_through_the_cli(brats, tmp_path) -> None:
         "stage.decode_quantize=false",
         "stage.fid_every=1",
         "stage.fid_probe_n=2",
+        "stage.fid_probe_split=train",  # 1 validation volume per class here; the probe needs 2
         "stage.figure_every=100",
         "stage.progress_bar=false",
         "stage.trainer.max_epochs=1",

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from helpers import tiny_checkpoints
+from lightning.pytorch.loggers import CSVLogger
 
+from mrrl.diffusion import step_log_prob
 from mrrl.diffusion.generate import load_diffusion
+from mrrl.errors import ConfigError
+from mrrl.evaluation.sources import GenerationSettings, ModelSpec, VolumeContext, model_volumes
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
-from mrrl.stages.ppo import PPOModule, save_policy_as_diffusion_checkpoint
+from mrrl.ppo.kl import KLController
+from mrrl.ppo.selection import BestTracker
+from mrrl.reward.ensemble import RewardEnsemble
+from mrrl.stages.ppo import MultiScaleReward, PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
 
 CLASSES = ["HGG", "LGG"]
 PPO_CFG = {
@@ -37,6 +47,9 @@ PPO_CFG = {
     "buffer_dtype": "float32",
     "seed": 0,
     "fid_every": 0,
+    "fid_select": "kid",
+    "kl": {"adaptive": False, "target": 0.01, "error_clip": 0.2, "horizon": 2},
+    "reward": {"uncertainty_penalty": 0.0},
     "figure_every": 1000,
     "figure_volumes": 1,
     "decode_quantize": False,
@@ -123,6 +136,23 @@ def test_unchanged_policy_has_ratio_one_and_zero_kl(checkpoints) -> None:
         _, kl, stats = module._step_terms(buffer, idx, j, torch.ones(len(idx)))
         assert float(kl.detach()) == 0.0
         assert float(stats["approx_kl"]) == 0.0 and float(stats["clip_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("buffer_dtype", ["float32", "bfloat16"])
+def test_ratio_is_exactly_one_on_an_unchanged_policy(checkpoints, buffer_dtype: str) -> None:
+    """The old log-probs are computed on exactly what the buffer stores, whatever its dtype."""
+    module = make_module(checkpoints, buffer_dtype=buffer_dtype)
+    buffer = module.rollout()
+    assert buffer["latents"].dtype == getattr(torch, buffer_dtype)
+    idx = torch.arange(buffer["log_probs"].shape[0])
+    kwargs = {"sampler": "ddim", "eta": 1.0}
+    for j in range(buffer["log_probs"].shape[1]):
+        x_t = buffer["latents"][idx, j].float()
+        x_prev = buffer["latents"][idx, j + 1].float()
+        t, prev_t = buffer["timesteps"][j], buffer["prev_timesteps"][j]
+        new = step_log_prob(module.policy, x_t, x_prev, t, buffer["labels"], prev_t=prev_t, **kwargs)
+        ratio = torch.exp(new.log_prob - buffer["log_probs"][:, j])
+        assert torch.equal(ratio, torch.ones_like(ratio)), (j, (ratio - 1).abs().max())
 
 
 def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) -> None:
@@ -279,3 +309,262 @@ def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoin
         for value, label, adv in zip(rec["local"], rec["labels"], rec["adv"]):
             match = (r0["all"] == value) & (r0["all_labels"] == label)
             torch.testing.assert_close(adv, full[match][0])
+
+
+# ------------------------------------------------------------------------------------------ issue 15 options
+
+
+def test_adaptive_kl_coefficient_rises_above_target_and_falls_below() -> None:
+    kl = {"adaptive": True, "target": 0.1, "error_clip": 0.2, "horizon": 2}
+    controller = KLController.from_config(0.05, kl)
+    assert controller.update(0.3) == pytest.approx(0.05 * 1.1)  # KL 3× target: error clipped to +0.2, /2
+    assert controller.update(0.11) == pytest.approx(0.05 * 1.1 * 1.05)  # 10 % above: +0.1 / 2
+    rising = controller.coef
+    assert controller.update(0.0) == pytest.approx(rising * 0.9)  # far below: −0.2 / 2
+    assert controller.coef < rising
+    assert controller.update(0.1) == pytest.approx(rising * 0.9)  # on target: unchanged
+    fixed = KLController.from_config(0.05, {**kl, "adaptive": False})
+    assert fixed.update(10.0) == 0.05 and fixed.update(0.0) == 0.05
+    with pytest.raises(ConfigError, match="kl.target"):
+        KLController.from_config(0.05, {**kl, "target": 0.0})
+
+
+def test_adaptive_kl_is_applied_and_logged_in_training(checkpoints, tmp_path: Path) -> None:
+    """A target far above any KL reached: β falls every iteration, and ppo/kl_coef logs the β used."""
+    kl = {"adaptive": True, "target": 1.0e6, "error_clip": 0.2, "horizon": 1}
+    module = make_module(checkpoints, kl=kl, kl_coef=0.1)
+    trainer = _trainer(tmp_path, 3, logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(module)
+    assert module.kl.coef == pytest.approx(0.1 * 0.8**3)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("ppo/kl_coef")]
+    assert [float(r["ppo/kl_coef"]) for r in rows] == pytest.approx([0.1, 0.08, 0.064])
+
+
+def _trainer(tmp_path: Path, epochs: int, logger=False) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+
+
+def test_best_checkpoint_is_the_iteration_with_the_best_validation_probe(checkpoints, tmp_path: Path) -> None:
+    scripted = [0.5, 0.3, 0.1, 0.4, 0.2]  # probes at iterations 0 (before any update), 1, 2, 3, 4
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def probe(module: PPOModule) -> dict[str, float]:
+        iteration = int(module.iterations)
+        snapshots[iteration] = {k: v.detach().clone() for k, v in module.policy.unet.state_dict().items()}
+        return {"kid/mean": scripted[iteration], "fid/mean": 10.0 - iteration}  # FID would pick iteration 4
+
+    module = make_module(checkpoints, fid_every=1, fid_select="kid", lr=1e-3)
+    module.fid_probe = probe
+    module.best_path = tmp_path / "ppo_best.ckpt"
+    trainer = _trainer(tmp_path, 4, logger=CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(module)
+    assert sorted(snapshots) == [0, 1, 2, 3, 4]
+    assert module.best.best_iteration == 2 and module.best.best_score == 0.1
+    best = torch.load(module.best_path, map_location="cpu", weights_only=False)
+    assert best["hyper_parameters"]["ppo_iterations"] == 2
+    tuned = load_diffusion(module.best_path).denoiser.unet.state_dict()
+    assert all(
+        torch.equal(tuned[k], v) for k, v in snapshots[2].items()
+    )  # the policy as it was at iteration 2
+    assert any(
+        not torch.equal(tuned[k], v) for k, v in module.policy.unet.state_dict().items()
+    )  # not the last
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("kid/mean")]
+    logged = {int(float(r["ppo/iteration"])): float(r["kid/mean"]) for r in rows}
+    assert logged == pytest.approx(dict(enumerate(scripted)))  # iteration 0 has a row of its own
+    state = module.best.state_dict()  # resumes with what it has seen
+    again = BestTracker("kid/mean")
+    again.load_state_dict(state)
+    assert again.best_iteration == 2 and not again.update(5, 0.2) and again.update(6, 0.05)
+
+
+def test_ensemble_penalty_lowers_the_reward_where_members_disagree() -> None:
+    class Fixed(torch.nn.Module):
+        def __init__(self, scores):
+            super().__init__()
+            self.scores = torch.tensor(scores)
+
+        def score_volumes(self, volumes):
+            return self.scores
+
+    volumes = torch.zeros(2, 1, 4, 4, 4)
+    members = [Fixed([0.5, 0.2]), Fixed([0.5, 0.8])]  # agree on volume 0, disagree on volume 1 (same mean)
+    plain = MultiScaleReward(RewardEnsemble(members), None, 1.0, 0.0)(volumes)
+    penalised = MultiScaleReward(RewardEnsemble(members), None, 1.0, 0.0, uncertainty_penalty=1.0)(volumes)
+    torch.testing.assert_close(plain["total"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(penalised["total"], torch.tensor([0.5, 0.5 - 0.3]))
+    torch.testing.assert_close(penalised["r3d_std"], torch.tensor([0.0, 0.3]))
+    single = MultiScaleReward(members[0], None, 1.0, 0.0, uncertainty_penalty=1.0)(
+        volumes
+    )  # one model: no std
+    torch.testing.assert_close(single["total"], torch.tensor([0.5, 0.2]))
+    with pytest.raises(ConfigError, match="uncertainty_penalty"):
+        MultiScaleReward(members[0], None, 1.0, 0.0, uncertainty_penalty=-1.0)
+
+
+def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path: Path) -> None:
+    module = make_module(checkpoints, num_steps=3, eta=1.0, rollout_batch_size=4)
+    out = save_policy_as_diffusion_checkpoint(module, checkpoints["diffusion"], tmp_path / "ppo.ckpt")
+    hp = torch.load(out, map_location="cpu", weights_only=False)["hyper_parameters"]
+    base = torch.load(checkpoints["diffusion"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hp["sampling"] == rollout_sampling(module.cfg)
+    assert hp["sampling"]["num_steps"] == 3 and hp["sampling"]["eta"] == 1.0
+    assert hp["base_sampling"] == base.get("sampling")
+    # evaluate/classify with sampler keys null sample each checkpoint the way its own sampling says
+    settings = GenerationSettings(n_per_class=2, sampler=None, num_steps=None, eta=None)
+    resolved = settings.for_checkpoint(out)
+    assert (resolved.sampler, resolved.num_steps, resolved.eta) == ("ddim", 3, 1.0)
+    explicit = GenerationSettings(n_per_class=2, sampler="ddim", num_steps=7, eta=0.0).for_checkpoint(out)
+    assert (explicit.num_steps, explicit.eta) == (7, 0.0)  # an explicit setting applies to every row
+    # Through the evaluate row: sampled with 3 steps, and the row and its sample cache say so.
+    ctx = VolumeContext(CLASSES, {}, {}, (1, 16, 16, 16), settings, tmp_path / "samples")
+    produced = model_volumes(ModelSpec("rl", "RL", "diffusion", str(out)), ctx)
+    assert produced.volumes["HGG"].shape == (2, 1, 16, 16, 16)
+    assert produced.generation["num_steps"] == 3 and produced.generation["eta"] == 1.0
+    sidecar = json.loads((tmp_path / "samples" / "rl" / "HGG.json").read_text())
+    assert (sidecar["sampler"], sidecar["num_steps"], sidecar["eta"]) == ("ddim", 3, 1.0)
+    with pytest.raises(ConfigError, match="records no sampling"):
+        settings.for_checkpoint(checkpoints["diffusion"])  # the tiny base checkpoint records none
+
+
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory) -> list[str]:
+    """Data overrides of a 16³ BraTS-layout cohort with 2 validation and 1 test volume per class."""
+    from conftest import make_brats
+
+    root = make_brats(tmp_path_factory.mktemp("probe") / "brats", n_hgg=6, n_lgg=6, modalities=("flair",))
+    data = ["data=brats2019", f"data.root={root}", "data.image_size=16", "data.test_per_class=1"]
+    return [*data, "data.val_fraction=0.4", "data.progress=false", "experiment_name=probe"]
+
+
+def test_validation_probe_reads_only_the_validation_split(
+    checkpoints, probe_data, tmp_path: Path, monkeypatch
+) -> None:
+    from helpers import compose_cfg
+
+    from mrrl.manifest import write_manifest
+    from mrrl.metrics import build_extractor
+    from mrrl.runtime import build_datamodule
+    from mrrl.stages.ppo import ValidationProbe
+
+    data = probe_data
+    stage = [
+        "stage.num_steps=3",
+        "stage.fid_probe_n=2",
+        "stage.rollout_batch_size=2",
+        "stage.decode_quantize=false",
+    ]
+    cfg = compose_cfg(["stage=ppo", *data, *stage], tmp_path / "runs")
+    datamodule = build_datamodule(cfg).prepare()
+    asked: list[str] = []
+    original = datamodule.dataset
+    monkeypatch.setattr(
+        datamodule, "dataset", lambda split, **kw: asked.append(split) or original(split, **kw)
+    )
+    probe = ValidationProbe(cfg, datamodule)
+    val, test = set(datamodule.splits["val"]), set(datamodule.splits["test"])
+    read = {i for ids in probe.real_ids.values() for i in ids}
+    assert set(asked) == {"val"} and read == val and len(read) == 4 and not read & test
+    assert probe.extractor.identity != build_extractor("random3d", in_channels=1, seed=0).identity
+    metrics = probe(make_module(checkpoints))
+    assert set(asked) == {"val"}  # sampling and scoring read no real volume
+    assert {"fid/HGG", "fid/LGG", "fid/mean", "kid/HGG", "kid/LGG", "kid/mean"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    with pytest.raises(ConfigError, match="fid_probe_split.*test split"):
+        ValidationProbe(
+            compose_cfg(["stage=ppo", *data, "stage.fid_probe_split=test"], tmp_path / "runs"), datamodule
+        )
+    # The probe must not see the world through the reward data's extractor.
+    extractor = build_extractor("random3d", in_channels=1, seed=0)
+    write_manifest(
+        Path(cfg.paths.experiment_dir) / "reward_data", "reward_data", {"extractor": extractor.identity}
+    )
+    same = ["stage.fid_extractor_options.seed=0"]
+    with pytest.raises(ConfigError, match="labelled the reward data"):
+        ValidationProbe(compose_cfg(["stage=ppo", *data, *same], tmp_path / "runs"), datamodule)
+
+
+def test_evaluate_takes_the_final_or_the_best_ppo_policy(tmp_path: Path) -> None:
+    from helpers import compose_cfg
+
+    from mrrl.evaluation.sources import discover_models
+    from mrrl.manifest import write_manifest
+
+    final, best = tmp_path / "ppo_final.ckpt", tmp_path / "ppo_best.ckpt"
+    final.write_bytes(b"x")
+    best.write_bytes(b"x")
+
+    def rl_row(*overrides: str):
+        cfg = compose_cfg(["stage=evaluate", "experiment_name=pick", *overrides], tmp_path / "runs")
+        write_manifest(Path(cfg.paths.experiment_dir) / "ppo", "ppo", outputs)
+        specs, missing = discover_models(cfg)
+        return next((s.source for s in specs if s.key == "rl"), missing.get("rl"))
+
+    outputs = {"final_ckpt": str(final), "best_ckpt": str(best)}
+    assert rl_row() == str(final)  # default: final
+    assert rl_row("stage.ppo_checkpoint=best") == str(best)
+    outputs = {"final_ckpt": str(final), "best_ckpt": None}  # PPO ran without a probe
+    assert "best_ckpt" in rl_row("stage.ppo_checkpoint=best")
+    with pytest.raises(ConfigError, match="ppo_checkpoint"):
+        rl_row("stage.ppo_checkpoint=median")
+
+
+def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
+    checkpoints, probe_data, tmp_path: Path
+) -> None:
+    from helpers import compose_cfg
+
+    from mrrl.reward import build_reward_net
+    from mrrl.stages import ppo as ppo_stage
+
+    net = {"arch": "resnet10", "width": 4, "conv1_kernel": 3}
+    r3d = build_reward_net("r3d", (1, 16, 16, 16), net, load_pretrained=False)
+    torch.save(
+        {"hyper_parameters": {"kind": "r3d", "image_shape": [1, 16, 16, 16], "net": net},
+         "state_dict": {f"net.{k}": v for k, v in r3d.state_dict().items()}},
+        tmp_path / "r3d.ckpt",
+    )  # fmt: skip
+    stage = [
+        f"stage.diffusion_ckpt={checkpoints['diffusion']}",
+        f"stage.vqgan_ckpt={checkpoints['vqgan']}",
+        f"stage.r3d_ckpt={tmp_path / 'r3d.ckpt'}",
+        "stage.w2d=0",
+        "stage.num_steps=3",
+        "stage.rollout_batch_size=4",
+        "stage.train_batch_size=4",
+        "stage.min_step_std=0",
+        "stage.decode_quantize=false",
+        "stage.fid_every=1",
+        "stage.fid_probe_n=2",
+        "stage.figure_every=100",
+        "stage.progress_bar=false",
+        "stage.trainer.max_epochs=2",
+        "stage.kl.adaptive=true",
+        "logger=none",
+    ]
+    cfg = compose_cfg(["stage=ppo", *probe_data, *stage], tmp_path / "runs")
+    run_dir = tmp_path / "ppo"
+    outputs = ppo_stage.run(cfg, run_dir)
+    probe = outputs["probe"]
+    assert [i for i, _ in probe["history"]] == [0, 1, 2] and probe["split"] == "val"
+    scores = dict(probe["history"])
+    assert probe["best_iteration"] == min(scores, key=scores.get) and probe["metric"] == "kid/mean"
+    assert outputs["best_ckpt"] == str((run_dir / "ppo_best.ckpt").resolve()) != outputs["final_ckpt"]
+    best = torch.load(outputs["best_ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert best["ppo_iterations"] == probe["best_iteration"]
+    final = torch.load(outputs["final_ckpt"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert (
+        final["ppo_iterations"] == 2
+        and final["sampling"]["num_steps"] == 3 == outputs["sampling"]["num_steps"]
+    )
+    assert outputs["kl_coef_final"] != 0.01  # the adaptive controller moved β from kl_coef

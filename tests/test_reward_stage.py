@@ -438,3 +438,74 @@ def test_missing_reward_data_manifest_says_what_to_run(dataset_dir: Path, tmp_pa
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.monitor=auc"))
     with pytest.raises(ConfigError, match="stage.models"):
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.models=[r4d]"))
+
+
+# ---------------------------------------------------------------------------------------------- issue 15 options
+
+
+def test_augmentation_changes_training_inputs_but_not_labels(dataset_dir: Path) -> None:
+    from mrrl.reward.augment import RewardAugment
+    from mrrl.reward.module import RewardModule
+
+    ds = load_reward_dataset(dataset_dir)
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("image", "reward", "group")}
+    before = {k: v.clone() for k, v in batch.items()}
+    augment = {
+        "enabled": True,
+        "flip_prob": 1.0,
+        "flip_axes": [0],
+        "intensity_scale": 0.05,
+        "intensity_shift": 0.05,
+    }
+    torch.manual_seed(0)
+    out = RewardAugment.from_config(augment)(batch["image"])
+    assert out.shape == batch["image"].shape and not torch.allclose(out, batch["image"])
+    assert float(out.min()) >= -1 and float(out.max()) <= 1
+    flipped = RewardAugment(1.0, [0], 0.0, 0.0)(batch["image"])
+    torch.testing.assert_close(
+        flipped, batch["image"].flip(2)
+    )  # axis 0 of [C, D, H, W] is dim 2 of the batch
+    assert RewardAugment.from_config({**augment, "enabled": False}) is None
+    with pytest.raises(ConfigError, match="flip_axes"):
+        RewardAugment(0.5, [3], 0.0, 0.0)
+    # In the module: the network sees augmented volumes in training and the originals in validation;
+    # the rewards and groups the losses use are the batch's own.
+    net = {"arch": "resnet10", "width": 4, "conv1_kernel": 3}
+    optim, ranking = {"lr": 1e-3}, {"kind": "logistic"}
+    module = RewardModule("r3d", SHAPE, net, optim, ranking, augment=augment)
+    seen: list[torch.Tensor] = []
+    module.net.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    targets: list[torch.Tensor] = []
+    original = module.net.normalise
+    module.net.normalise = lambda r: targets.append(r.clone()) or original(r)
+    module.log_dict = module.log = lambda *a, **k: None
+    module.training_step(batch, 0)
+    assert not torch.allclose(seen[-1], batch["image"])
+    torch.testing.assert_close(targets[-1], before["reward"])
+    assert all(torch.equal(batch[k], before[k]) for k in batch)  # the batch itself is not modified
+    module.eval()
+    module.validation_step(batch, 0)
+    torch.testing.assert_close(seen[-1], batch["image"])
+    plain = RewardModule("r3d", SHAPE, net, optim, ranking)
+    assert plain.augment is None
+
+
+def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    from mrrl.stages.ppo import _reward_checkpoints
+
+    cfg = reward_cfg(
+        dataset_dir, tmp_path, "stage.trainer.max_epochs=1", "stage.models=[r3d]", "stage.ensemble_size=2"
+    )
+    seed_everything(0)
+    outputs = reward_stage.run(cfg, stage_dir(cfg))
+    members = outputs["r3d_ckpts"]
+    assert len(members) == 2 and outputs["r3d_ckpt"] == members[0] and outputs["ensemble_size"] == 2
+    assert [Path(m).parent.parent.name for m in members] == ["r3d", "r3d_m1"]
+    a, b = (load_reward_model(m).state_dict() for m in members)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # different seeds
+    ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.w2d=0"], tmp_path)
+    assert _reward_checkpoints(ppo)["r3d"] == members
+    with pytest.raises(ConfigError, match="ensemble_size"):
+        reward_stage.check_config(reward_cfg(None, tmp_path, "stage.ensemble_size=0"))

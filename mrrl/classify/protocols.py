@@ -57,6 +57,7 @@ def _sources_cfg(cfg: DictConfig) -> DictConfig:
                 "vqgan_ckpt": gens.get("vqgan_ckpt"),
                 "diffusion_ckpt": gens.get("diffusion_ckpt"),
                 "rl_ckpt": gens.get("rl_ckpt"),
+                "ppo_checkpoint": cfg.stage.ppo_checkpoint,
                 "use_ema": bool(cfg.stage.get("use_ema", True)),
                 "extra_models": cfg.stage.get("extra_generators") or {},
             },
@@ -98,9 +99,9 @@ def discover_protocols(cfg: DictConfig) -> tuple[list[Protocol], dict[str, str],
 def generation_settings(stage: DictConfig) -> GenerationSettings:
     return GenerationSettings(
         n_per_class=int(stage.n_synthetic_per_class),
-        sampler=str(stage.sampler),
-        num_steps=int(stage.num_steps),
-        eta=float(stage.eta),
+        sampler=None if stage.sampler is None else str(stage.sampler),  # None: the checkpoint's own
+        num_steps=None if stage.num_steps is None else int(stage.num_steps),
+        eta=None if stage.eta is None else float(stage.eta),
         guidance_scale=float(stage.guidance_scale),
         batch_size=int(stage.sample_batch_size),
         seed=int(stage.sample_seed),

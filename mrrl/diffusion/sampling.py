@@ -266,9 +266,16 @@ def _denoise(
     generator: torch.Generator | None,
     guidance_scale: float,
     record: bool,
+    round_to: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, Trajectory | None]:
-    """Run the reverse steps ``timesteps[i] -> prev_timesteps[i]`` from x; optionally record them."""
+    """Run the reverse steps ``timesteps[i] -> prev_timesteps[i]`` from x; optionally record them.
+
+    ``round_to``: every latent of the chain (x_T included) is rounded to this dtype and back before it is
+    used, so a buffer stored in that dtype holds exactly the chain whose log-probs were recorded.
+    """
     batch = x.shape[0]
+    if round_to is not None:
+        x = x.to(round_to).to(x.dtype)
     latents, log_probs, stds = [x], [], []
     for t, prev_t in zip(timesteps.tolist(), prev_timesteps.tolist()):
         # CPU timesteps and a CPU std: the loop never waits for the device
@@ -277,6 +284,8 @@ def _denoise(
         output = model.predict(x, t_vec, labels, guidance_scale)
         mean, std = step_mean_std(model.schedule, output, x, t_vec, prev_vec, sampler, eta)
         x = mean + std * randn(tuple(x.shape), generator, x.device, x.dtype) if std_t > 0 else mean
+        if round_to is not None:
+            x = x.to(round_to).to(x.dtype)
         if record:
             nan = x.new_full((batch,), math.nan, dtype=torch.promote_types(x.dtype, torch.float32))
             log_probs.append(_log_prob(x, mean, std) if std_t > 0 else nan)
@@ -326,6 +335,7 @@ def sample(
     return_trajectory: bool = False,
     guidance_scale: float = 1.0,
     noise: torch.Tensor | None = None,
+    round_to: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
     """Generate latents for class ``labels`` (``[B]``) with ``num_steps`` DDIM or DDPM steps.
 
@@ -334,6 +344,8 @@ def sample(
         noise: the initial x_T ``[B, C, D, H, W]``; drawn from ``generator`` otherwise (first draw).
         eta: DDIM stochasticity (0 deterministic, 1 as DDPO); ignored by DDPM.
         return_trajectory: also return the :class:`Trajectory` (latents kept on the model's device).
+        round_to: round every latent of the chain to this dtype (and back) before it is used: PPO's
+            low-precision rollout buffer then stores exactly what the log-probs were computed on.
 
     Runs under ``no_grad`` in the model's current mode (call ``model.eval()`` first); latents are on
     the model's device in float32 (or wider); use :func:`step_log_prob` for gradients.
@@ -354,6 +366,7 @@ def sample(
         generator,
         guidance_scale,
         return_trajectory,
+        round_to,
     )
     return (x, trajectory) if return_trajectory else x
 

@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,10 @@ DEFAULT_ROWS = (
     DefaultRow(
         "standard", "diffusion", "diffusion_ckpt", ("ema_ckpt", "best_ckpt", "last_ckpt"), "diffusion"
     ),
-    DefaultRow("rl", "ppo", "rl_ckpt", ("best_ckpt", "final_ckpt", "last_ckpt"), "diffusion"),
+    DefaultRow("rl", "ppo", "rl_ckpt", ("final_ckpt", "last_ckpt"), "diffusion"),
 )
+# stage.ppo_checkpoint: which policy of the ppo manifest is the RL row (best = best on PPO's validation probe)
+PPO_CHECKPOINT_KEYS = {"final": ("final_ckpt", "last_ckpt"), "best": ("best_ckpt",)}
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,9 @@ class GenerationSettings:
     """How diffusion rows are sampled (everything here is part of the sample-cache key)."""
 
     n_per_class: int = 30
-    sampler: str = "ddim"
-    num_steps: int = 100
-    eta: float = 0.0
+    sampler: str | None = "ddim"  # None (sampler, num_steps, eta): the checkpoint's own, see for_checkpoint
+    num_steps: int | None = 100
+    eta: float | None = 0.0
     guidance_scale: float = 1.0
     batch_size: int = 8
     seed: int = 0
@@ -98,9 +100,9 @@ class GenerationSettings:
     def from_config(cls, stage: DictConfig) -> GenerationSettings:
         return cls(
             n_per_class=int(stage.n_per_class),
-            sampler=str(stage.sampler),
-            num_steps=int(stage.num_steps),
-            eta=float(stage.eta),
+            sampler=None if stage.sampler is None else str(stage.sampler),
+            num_steps=None if stage.num_steps is None else int(stage.num_steps),
+            eta=None if stage.eta is None else float(stage.eta),
             guidance_scale=float(stage.guidance_scale),
             batch_size=int(stage.sample_batch_size),
             seed=int(stage.seed),
@@ -108,15 +110,34 @@ class GenerationSettings:
             decode_quantize=None if stage.get("decode_quantize") is None else bool(stage.decode_quantize),
         )
 
+    def for_checkpoint(self, ckpt: str | Path) -> GenerationSettings:
+        """These settings with every None sampler field taken from the checkpoint's recorded ``sampling``
+        (a diffusion checkpoint: its inference sampler; a PPO checkpoint: the rollout sampler it was trained on)."""
+        unset = [k for k in ("sampler", "num_steps", "eta") if getattr(self, k) is None]
+        if not unset:
+            return self
+        sampling = (
+            torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
+        ).get("sampling") or {}
+        absent = [k for k in unset if sampling.get(k) is None]
+        if absent:
+            raise ConfigError(
+                f"{ckpt} records no sampling {', '.join(absent)}: set stage.{' stage.'.join(absent)} explicitly"
+            )
+        types = {"sampler": str, "num_steps": int, "eta": float}
+        return replace(self, **{k: types[k](sampling[k]) for k in unset})
+
     @property
     def stochastic(self) -> bool:
+        if self.sampler is None or self.eta is None:
+            raise ValueError("resolve the sampler with GenerationSettings.for_checkpoint first")
         return self.sampler == "ddpm" or self.eta > 0
 
     def cache_key(self) -> dict[str, Any]:
         key = asdict(self)
         # The initial noise is drawn for the whole class at once, so deterministic sampling (DDIM, eta 0)
         # gives the same volumes whatever the batch; stochastic steps draw their noise batch by batch.
-        if not self.stochastic:
+        if None not in (self.sampler, self.eta) and not self.stochastic:
             key.pop("batch_size")
         return key
 
@@ -143,6 +164,7 @@ class VolumeSet:
     volumes: dict[str, torch.Tensor]
     reused: dict[str, bool] = field(default_factory=dict)  # class -> loaded from the sample cache
     seconds: float = 0.0
+    generation: dict[str, Any] | None = None  # diffusion rows: the sampler settings this row was made with
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -196,6 +218,15 @@ def _extra_spec(name: str, value: Any) -> ModelSpec:
     return ModelSpec(key, str(name), "diffusion", str(path))
 
 
+def ppo_checkpoint(cfg: DictConfig) -> str:
+    choice = str(cfg.stage.ppo_checkpoint)
+    if choice not in PPO_CHECKPOINT_KEYS:
+        raise ConfigError(
+            f"stage.ppo_checkpoint must be one of {sorted(PPO_CHECKPOINT_KEYS)}, got {choice!r}"
+        )
+    return choice
+
+
 def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     """The rows this experiment can fill, and ``{row: why it is missing}`` for the default rows it cannot.
 
@@ -207,7 +238,8 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     use_ema = bool(cfg.stage.get("use_ema", True))
     for row in DEFAULT_ROWS:
         override = cfg.stage.get(row.override)
-        keys = [k for k in row.ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
+        ckpt_keys = PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else row.ckpt_keys
+        keys = [k for k in ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
         try:
             if override:
                 ckpt = str(_user_path(override, f"stage.{row.override}"))
@@ -352,7 +384,7 @@ def reconstruct(vqgan, volumes: torch.Tensor, batch_size: int, device: torch.dev
 
 
 def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
-    settings = ctx.settings
+    settings = ctx.settings.for_checkpoint(spec.source)  # null sampler keys: this checkpoint's own sampler
     generator_fn = None
     result = VolumeSet({})
     world = ctx.shard.world
@@ -364,7 +396,7 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
         def compute(index: int = index) -> torch.Tensor:
             nonlocal generator_fn
             if generator_fn is None:
-                generator_fn = load_sampler(spec.source, ctx)
+                generator_fn = load_sampler(spec.source, ctx, settings)
             # One CPU generator per class, seeded from (seed, class): adding classes or changing the batch
             # size leaves every other sample unchanged, and the standard and RL rows start from the same
             # noise, so their difference is the fine-tuning's alone. Under DDP every rank draws the
@@ -378,6 +410,7 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
 
         path = ctx.samples_dir / spec.key / f"{safe_name(c)}.npy"
         result.volumes[c], result.reused[c] = cached_volumes(path, key, compute, ctx.regenerate, ctx.shard)
+        result.generation = settings.cache_key()
         if tuple(result.volumes[c].shape[1:]) != tuple(ctx.image_shape):
             raise ConfigError(
                 f"{spec.label} ({spec.source}) generates volumes of shape "
@@ -387,7 +420,9 @@ def _samples(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
     return result
 
 
-def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[..., torch.Tensor]:
+def load_sampler(
+    ckpt: str, ctx: VolumeContext, settings: GenerationSettings | None = None
+) -> Callable[..., torch.Tensor]:
     """``fn(class_index, n, generator, indices=None, step_generator=None) -> decoded volumes`` for a
     diffusion (or PPO) checkpoint (``indices``: the items of the n to make, see ``generate_volumes``).
 
@@ -397,7 +432,7 @@ def load_sampler(ckpt: str, ctx: VolumeContext) -> Callable[..., torch.Tensor]:
     from mrrl.diffusion.generate import generate_volumes, load_diffusion
     from mrrl.latents import load_vqgan
 
-    settings = ctx.settings
+    settings = (settings or ctx.settings).for_checkpoint(ckpt)
     loaded = load_diffusion(ckpt, use_ema=settings.use_ema, device=ctx.device)
     if list(loaded.class_names) != list(ctx.class_names):
         raise ConfigError(

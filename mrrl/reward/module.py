@@ -13,6 +13,7 @@ from torchmetrics.regression import SpearmanCorrCoef
 
 from mrrl.data.train_val import TrainValDataModule
 from mrrl.errors import ConfigError
+from mrrl.reward.augment import RewardAugment
 from mrrl.reward.losses import RANKING_LOSSES, PairwiseRankingAccuracy, pairwise_ranking_loss
 from mrrl.reward.models import build_reward_net
 
@@ -44,9 +45,11 @@ class RewardModule(L.LightningModule):
         target_std: float = 1.0,
         slice_targets: bool = True,
         dataset_dir: str = "",
+        augment: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.augment = RewardAugment.from_config(augment)  # training batches only; None = off
         if ranking.get("kind", "logistic") not in RANKING_LOSSES:
             raise ConfigError(
                 f"stage.ranking.kind must be one of {RANKING_LOSSES}, got {ranking.get('kind')!r}"
@@ -60,6 +63,8 @@ class RewardModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, rewards, groups = batch["image"], batch["reward"], batch["group"]
+        if self.augment is not None:
+            x = self.augment(x)  # the labels (rewards, groups) are untouched
         target = self.net.normalise(rewards)
         if self.hparams.kind == "r2d" and self.hparams.slice_targets:
             slice_scores = self.net.slice_scores(x)

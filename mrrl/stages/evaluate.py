@@ -297,6 +297,7 @@ def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer, made: Volu
         "n_per_class": {c: len(v) for c, v in produced.volumes.items()},
         "reused_samples": produced.reused,
         "volume_seconds": round(produced.seconds, 3),
+        "generation": produced.generation,  # diffusion rows: the sampler each was made with (null keys resolved)
         "diversity": scorer.diversity(produced.volumes),
         "seconds": round(time.monotonic() - t0, 3),
     }

@@ -45,8 +45,11 @@ from mrrl.latents import load_vqgan
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.nets.speed import SpeedOptions, enable_activation_checkpointing, maybe_compile, to_channels_last_3d
 from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
+from mrrl.ppo.kl import KLController
+from mrrl.ppo.selection import BestTracker
+from mrrl.reward.ensemble import RewardEnsemble
 from mrrl.runtime import build_datamodule
-from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, real_class_statistics
+from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, real_class_set
 from mrrl.utils.io import atomic_path
 from mrrl.viz import log_figure, slices_figure
 
@@ -54,15 +57,32 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 FINAL_CKPT = "ppo_final.ckpt"
+BEST_CKPT = "ppo_best.ckpt"
+BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class MultiScaleReward:
-    """``w3d·R3D(x) + w2d·R2D(x)`` on decoded volumes; returns the total and each component."""
+    """``w3d·R3D(x) + w2d·R2D(x)`` on decoded volumes; returns the total and each component.
 
-    def __init__(self, r3d: torch.nn.Module | None, r2d: torch.nn.Module | None, w3d: float, w2d: float):
+    Each scale is one reward model or a :class:`~mrrl.reward.ensemble.RewardEnsemble`; an ensemble scores
+    ``mean − uncertainty_penalty·std`` over its members (``<scale>_std`` is returned beside the score).
+    """
+
+    def __init__(
+        self,
+        r3d: torch.nn.Module | RewardEnsemble | None,
+        r2d: torch.nn.Module | RewardEnsemble | None,
+        w3d: float,
+        w2d: float,
+        uncertainty_penalty: float = 0.0,
+    ):
         if (w3d and r3d is None) or (w2d and r2d is None):
             raise ConfigError("a reward model with a non-zero weight is missing")
-        self.models = {"r3d": (r3d, float(w3d)), "r2d": (r2d, float(w2d))}
+        if uncertainty_penalty < 0:
+            raise ConfigError(f"stage.reward.uncertainty_penalty must be ≥ 0, got {uncertainty_penalty}")
+        as_ensemble = lambda m: m if m is None or isinstance(m, RewardEnsemble) else RewardEnsemble([m])  # noqa: E731
+        self.models = {"r3d": (as_ensemble(r3d), float(w3d)), "r2d": (as_ensemble(r2d), float(w2d))}
+        self.uncertainty_penalty = float(uncertainty_penalty)
 
     def to(self, device: torch.device) -> MultiScaleReward:
         for model, _ in self.models.values():
@@ -77,9 +97,11 @@ class MultiScaleReward:
         for name, (model, weight) in self.models.items():
             if model is None or weight == 0:
                 continue
-            score = model.score_volumes(volumes).float().to(volumes.device)
-            out[name] = score
-            total = total + weight * score
+            scored = model.score(volumes, self.uncertainty_penalty)
+            out[name] = scored["score"]
+            if len(model.members) > 1:
+                out[f"{name}_std"] = scored["std"]
+            total = total + weight * scored["score"]
         out["total"] = total
         return out
 
@@ -101,7 +123,7 @@ class PPOModule(L.LightningModule):
         vqgan_ckpt: str,
         class_names: Sequence[str],
         ppo: Mapping[str, Any],
-        reward_ckpts: Mapping[str, str | None] | None = None,
+        reward_ckpts: Mapping[str, str | Sequence[str] | None] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -137,9 +159,18 @@ class PPOModule(L.LightningModule):
         if reward_ckpts is not None:
             from mrrl.reward.models import load_reward_model
 
-            models = {k: load_reward_model(v) if v else None for k, v in reward_ckpts.items()}
+            models = {
+                k: RewardEnsemble([load_reward_model(p) for p in ([v] if isinstance(v, str) else v)])
+                if v
+                else None
+                for k, v in reward_ckpts.items()
+            }
             self.reward_fn = MultiScaleReward(
-                models.get("r3d"), models.get("r2d"), self.cfg["w3d"], self.cfg["w2d"]
+                models.get("r3d"),
+                models.get("r2d"),
+                self.cfg["w3d"],
+                self.cfg["w2d"],
+                float(self.cfg["reward"]["uncertainty_penalty"]),
             )
         self.normalizer = PerClassRewardNormalizer(
             len(self.class_names),
@@ -147,9 +178,19 @@ class PPOModule(L.LightningModule):
             int(self.cfg["stat_min_count"]),
             float(self.cfg["adv_clip"]),
         )
+        if self.cfg["buffer_dtype"] not in BUFFER_DTYPES:
+            raise ConfigError(
+                f"stage.buffer_dtype must be one of {sorted(BUFFER_DTYPES)}, got {self.cfg['buffer_dtype']!r}"
+            )
+        self.kl = KLController.from_config(float(self.cfg["kl_coef"]), self.cfg["kl"])
+        if self.cfg["fid_select"] not in ("kid", "fid"):
+            raise ConfigError(f"stage.fid_select must be kid or fid, got {self.cfg['fid_select']!r}")
+        self.best = BestTracker(f"{self.cfg['fid_select']}/mean")
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self.fid_probe: Callable[[PPOModule], dict[str, float]] | None = None
+        # Where the best-on-validation policy goes (``run`` sets it; None: not saved, only tracked).
+        self.best_path: Path | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def _select_trainable(self, trainable: str | Sequence[str]) -> None:
@@ -244,6 +285,9 @@ class PPOModule(L.LightningModule):
     def rollout(self) -> dict[str, Any]:
         n = int(self.cfg["rollout_batch_size"])
         labels = self._balanced_labels(n).to(self.device)
+        store = BUFFER_DTYPES[self.cfg["buffer_dtype"]]
+        # The chain is rounded to the buffer dtype as it is sampled: the old log-probs are computed on exactly
+        # the latents the buffer keeps, so an unchanged policy recomputes them bit for bit (ratio = 1).
         latents, trajectory = sample(
             self.policy,
             labels,
@@ -253,6 +297,7 @@ class PPOModule(L.LightningModule):
             generator=self._rank_generator(),
             shape=self.latent_shape,
             return_trajectory=True,
+            round_to=None if store == torch.float32 else store,
         )
         if not bool(trajectory.stochastic.all()):
             raise ConfigError(
@@ -265,7 +310,6 @@ class PPOModule(L.LightningModule):
         )
         assert self.reward_fn is not None, "PPOModule needs a reward function"
         rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
-        store = torch.bfloat16 if self.cfg.get("buffer_dtype") == "bfloat16" else torch.float32
         return {
             "labels": labels.cpu(),
             "latents": torch.stack([x.to("cpu", store) for x in trajectory.latents], dim=1),  # [B, K+1, ...]
@@ -304,7 +348,7 @@ class PPOModule(L.LightningModule):
         if trainable.numel() == 0:
             raise ConfigError("stage.min_step_std excludes every sampler step")
         n_train = max(1, int(round(trainable.numel() * float(self.cfg.get("timestep_fraction", 1.0)))))
-        beta = float(self.cfg["kl_coef"])
+        beta = self.kl.coef
         totals = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
         count = 0
         generator = self._rank_generator()
@@ -352,6 +396,8 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ loop
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        if int(self.iterations) == 0 and not self.best.history:
+            self._probe(log_now=True)  # iteration 0: the pretrained policy, the baseline of every later probe
         buffer = self.rollout()
         rewards = buffer["rewards"]["total"]
         labels = buffer["labels"].to(rewards.device)
@@ -359,9 +405,12 @@ class PPOModule(L.LightningModule):
         advantages = self.normalizer.normalize(
             rewards.cpu(), labels.cpu(), all_rewards.cpu(), all_labels.cpu()
         )
+        beta = self.kl.coef
         stats = self.update(buffer, advantages)
+        self.kl.update(self._mean_over_ranks(stats["kl"]))  # every rank adapts β on the same value
         self.iterations += 1
         logs = {f"ppo/{k}": v for k, v in stats.items()}
+        logs["ppo/kl_coef"] = beta  # the β this iteration's update used
         logs["ppo/reward_mean"] = float(all_rewards.mean())
         logs["ppo/reward_std"] = float(all_rewards.std(unbiased=False)) if all_rewards.numel() > 1 else 0.0
         for name, values in buffer["rewards"].items():
@@ -373,11 +422,9 @@ class PPOModule(L.LightningModule):
         logs["ppo/skipped_updates"] = float(self.skipped_updates)
         logs["ppo/iteration"] = float(self.iterations)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
-        every = int(self.cfg.get("fid_every", 0) or 0)
-        if self.fid_probe is not None and every and int(self.iterations) % every == 0:
-            self.log_dict(
-                self.fid_probe(self), on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1
-            )
+        every = int(self.cfg["fid_every"] or 0)
+        if every and int(self.iterations) % every == 0:
+            self._probe(log_now=False)
         if self.trainer.is_global_zero and int(self.iterations) % int(self.cfg.get("figure_every", 10)) == 0:
             figure = slices_figure(
                 {"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}"
@@ -386,12 +433,44 @@ class PPOModule(L.LightningModule):
                 figure, "ppo/samples", int(self.iterations), self.trainer.default_root_dir, self.loggers
             )
 
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.world_size > 1:
+            return float(self.all_gather(torch.tensor(float(value), device=self.device)).mean())
+        return float(value)
+
+    def _probe(self, log_now: bool) -> None:
+        """Run the validation probe (rank 0), log it, and keep ``ppo_best.ckpt`` when it is the best so far.
+
+        ``log_now``: write straight to the loggers (iteration 0, before any update: a row of its own)
+        instead of into this training step's row.
+        """
+        if self.fid_probe is None or not self.trainer.is_global_zero:
+            return
+        metrics = dict(self.fid_probe(self))
+        iteration = int(self.iterations)
+        if self.best.update(iteration, metrics[self.best.metric]) and self.best_path is not None:
+            save_policy_as_diffusion_checkpoint(self, self.hparams.diffusion_ckpt, self.best_path)
+        metrics["probe/best_iteration"] = float(
+            self.best.best_iteration if self.best.best_iteration is not None else -1
+        )
+        if log_now:
+            for logger in self.loggers:
+                logger.log_metrics({**metrics, "ppo/iteration": float(iteration)}, step=self.global_step)
+        else:
+            self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reward_normalizer"] = self.normalizer.state_dict()
+        checkpoint["kl_controller"] = self.kl.state_dict()
+        checkpoint["probe_best"] = self.best.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "reward_normalizer" in checkpoint:
             self.normalizer.load_state_dict(checkpoint["reward_normalizer"])
+        if "kl_controller" in checkpoint:
+            self.kl.load_state_dict(checkpoint["kl_controller"])
+        if "probe_best" in checkpoint:
+            self.best.load_state_dict(checkpoint["probe_best"])
 
 
 def gaussian_kl_mean(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -414,10 +493,15 @@ def save_policy_as_diffusion_checkpoint(
     state.update({EMA_PREFIX + k: v for k, v in weights.items()})
     state.update({RAW_PREFIX + k: v for k, v in weights.items()})
     state[SCALE_KEY] = base["state_dict"][SCALE_KEY]
+    base_hparams = dict(base["hyper_parameters"])
     payload = {
         "state_dict": state,
         "hyper_parameters": {
-            **dict(base["hyper_parameters"]),
+            **base_hparams,
+            # The policy was trained on the rollout sampler: later stages sample it that way by default
+            # (their sampler keys null = the checkpoint's); the base model's own settings are kept beside.
+            "sampling": rollout_sampling(module.cfg),
+            "base_sampling": base_hparams.get("sampling"),
             "fine_tuned_by": "ppo",
             "ppo_iterations": int(module.iterations),
             "base_ckpt": str(base_ckpt),
@@ -429,9 +513,26 @@ def save_policy_as_diffusion_checkpoint(
     return Path(out_path)
 
 
-def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | None]:
+def rollout_sampling(ppo: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler the policy was optimised on, in the diffusion checkpoint's ``sampling`` format."""
+    return {
+        "sampler": str(ppo["sampler"]),
+        "num_steps": int(ppo["num_steps"]),
+        "eta": float(ppo["eta"]),
+        "guidance_scale": 1.0,  # rollouts are unguided
+        "batch_size": int(ppo["rollout_batch_size"]),
+        "decode_quantize": bool(ppo["decode_quantize"]),
+    }
+
+
+def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | list[str] | None]:
+    """Each scale's reward checkpoint, or its list of ensemble members (``stage=reward ensemble_size > 1``).
+
+    ``stage.r3d_ckpt`` / ``r2d_ckpt`` (a path or a list of paths) replace the reward manifest's entries.
+    """
     stage = cfg.stage
-    ckpts = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
+    ckpts: dict[str, Any] = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
+    ckpts = {k: list(v) if OmegaConf.is_list(v) or isinstance(v, list) else v for k, v in ckpts.items()}
     weights = {"r3d": float(stage.w3d), "r2d": float(stage.w2d)}
     if any(weights[k] and not ckpts[k] for k in ckpts):
         outputs = read_manifest(
@@ -442,12 +543,20 @@ def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | None]:
         for key in ckpts:
             if weights[key] and not ckpts[key]:
                 entry = outputs.get(key) or {}
-                ckpts[key] = outputs.get(f"{key}_ckpt") or entry.get("best_ckpt") or entry.get("ckpt")
+                ckpts[key] = (
+                    outputs.get(f"{key}_ckpts")
+                    or outputs.get(f"{key}_ckpt")
+                    or entry.get("best_ckpt")
+                    or entry.get("ckpt")
+                )
     for key, weight in weights.items():
         if weight == 0:
             ckpts[key] = None
-        elif not ckpts[key] or not Path(ckpts[key]).is_file():
-            raise ManifestError(f"reward model {key} checkpoint {ckpts[key]} does not exist")
+            continue
+        paths = ckpts[key] if isinstance(ckpts[key], list) else [ckpts[key]]
+        for path in paths:
+            if not path or not Path(path).is_file():
+                raise ManifestError(f"reward model {key} checkpoint {path} does not exist")
     return ckpts
 
 
@@ -461,28 +570,64 @@ def _diffusion_checkpoint(cfg: DictConfig) -> str:
     return str(ckpt)
 
 
-def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Callable[[PPOModule], dict]:
-    """A small FID per class of the current policy against the real training volumes (rank 0 only).
+PROBE_SPLITS = ("val", "train")  # never "test": the test split is the headline evaluation's alone
 
-    Samples with the rollout sampler (the one the policy is optimised for) from a fixed seed, so successive
-    probes differ only by the policy.
+
+class ValidationProbe:
+    """FID and KID per class of the current policy against the real volumes of the validation split.
+
+    Runs on rank 0 with the rollout sampler (what the policy is optimised for) from a fixed seed, so
+    successive probes differ only by the policy. The extractor must be neither the one that labelled the
+    reward data nor the headline one (checked against the reward_data manifest when there is one): a probe
+    sharing the reward's feature space would reward the same blind spots the policy learns to exploit.
+    ``real_ids`` are the subjects it read (the tests check that no test subject is among them).
     """
-    from mrrl.metrics import RealStatsCache, build_extractor, compute_statistics
 
-    stage = cfg.stage
-    extractor = build_extractor(stage.fid_extractor, in_channels=datamodule.image_shape[0])
-    cache = RealStatsCache(Path(cfg.paths.cache_dir) / "fid_stats")
-    real_stats = {
-        name: real_class_statistics(datamodule, "train", name, extractor, cache, 8, "cpu")[2]
-        for name in datamodule.class_names
-    }
+    def __init__(self, cfg: DictConfig, datamodule, extractor=None):
+        from mrrl.metrics import build_extractor, extract_features
 
-    def probe(module: PPOModule) -> dict[str, float]:
-        if not module.trainer.is_global_zero:
-            return {}
-        extractor.to(module.device)
-        out = {}
+        stage = cfg.stage
+        self.split = str(stage.fid_probe_split)
+        if self.split not in PROBE_SPLITS:
+            raise ConfigError(
+                f"stage.fid_probe_split must be one of {PROBE_SPLITS} (the test split is for the final "
+                f"evaluation only), got {self.split!r}"
+            )
+        if int(stage.fid_probe_n) < 2:
+            raise ConfigError(
+                f"stage.fid_probe_n must be ≥ 2 (FID/KID need two volumes), got {stage.fid_probe_n}"
+            )
+        if extractor is None:
+            options = OmegaConf.to_container(stage.fid_extractor_options, resolve=True) or {}
+            extractor = build_extractor(
+                str(stage.fid_extractor), in_channels=datamodule.image_shape[0], **dict(options)
+            )
+        self.extractor = extractor.eval()
+        _check_probe_extractor(cfg, self.extractor.identity)
+        self.stage = stage
+        self.class_names = list(datamodule.class_names)
+        self.real_ids: dict[str, list[str]] = {}
+        self.real_features: dict[str, torch.Tensor] = {}
+        for name in self.class_names:
+            volumes, ids = real_class_set(datamodule, self.split, name)
+            if len(ids) < 2:
+                raise ConfigError(
+                    f"the {self.split} split has {len(ids)} {name} volume(s); the probe's FID/KID need ≥ 2: "
+                    "raise data.val_fraction, or set stage.fid_probe_split=train or stage.fid_every=0"
+                )
+            self.real_ids[name] = list(ids)
+            (self.real_features[name],) = extract_features([self.extractor], volumes, 8, "cpu")
+
+    @torch.no_grad()
+    def __call__(self, module: PPOModule) -> dict[str, float]:
+        from mrrl.metrics import FeatureStatistics, extract_features
+        from mrrl.metrics.kid import kid as kernel_inception_distance
+
+        stage = self.stage
+        self.extractor.to(module.device)
+        out: dict[str, float] = {}
         generator = torch.Generator().manual_seed(int(stage.seed))
+        fid, kid = {}, {}
         for label, name in enumerate(module.class_names):
             labels = torch.full((int(stage.fid_probe_n),), label)
             volumes = generate_volumes(
@@ -496,13 +641,31 @@ def make_fid_probe(cfg: DictConfig, datamodule, device_hint: str = "cpu") -> Cal
                 eta=float(stage.eta),
                 batch_size=int(stage.rollout_batch_size),
                 generator=generator,
+                quantize=bool(stage.decode_quantize),
             )
-            fake = compute_statistics(extractor, volumes, 8, module.device)
-            out[f"fid/{name}"] = float(fake.frechet_distance(real_stats[name]))
-        out["fid/mean"] = sum(out.values()) / len(out)
+            (fake,) = extract_features([self.extractor], volumes, 8, module.device)
+            real = self.real_features[name]
+            fid[name] = FeatureStatistics.from_features(fake).frechet_distance(
+                FeatureStatistics.from_features(real)
+            )
+            kid[name] = kernel_inception_distance(real, fake)
+        for metric, values in (("fid", fid), ("kid", kid)):
+            out.update({f"{metric}/{name}": float(v) for name, v in values.items()})
+            out[f"{metric}/mean"] = float(sum(values.values()) / len(values))
         return out
 
-    return probe
+
+def _check_probe_extractor(cfg: DictConfig, identity: str) -> None:
+    """The probe's feature space must not be the reward data's (whose FIDs the reward models learned)."""
+    try:
+        outputs = read_manifest(cfg.paths.experiment_dir, "reward_data")["outputs"]
+    except ManifestError:
+        return  # no reward_data manifest (reward models given by path): nothing to compare with
+    if outputs.get("extractor") == identity:
+        raise ConfigError(
+            f"stage.fid_extractor {identity} is the extractor that labelled the reward data: the probe would "
+            "share the reward's blind spots; pick another extractor or seed (stage.fid_extractor_options)"
+        )
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -522,18 +685,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     module = PPOModule(
         diffusion_ckpt, str(vqgan_ckpt), datamodule.class_names, stage, _reward_checkpoints(cfg)
     )
-    if int(stage.get("fid_every", 0) or 0) > 0:
-        module.fid_probe = make_fid_probe(cfg, datamodule)
+    if cfg.stage.get("force", False):
+        (run_dir / BEST_CKPT).unlink(missing_ok=True)  # a fresh run must not inherit another run's best
+    if int(stage["fid_every"] or 0) > 0:
+        module.fid_probe = ValidationProbe(cfg, datamodule)
+        module.best_path = run_dir / BEST_CKPT
     trainer, _ = build_trainer(cfg, run_dir)
     fit(trainer, module, None, run_dir, fresh=bool(cfg.stage.get("force", False)))
     if not trainer.is_global_zero:
         return None
     final = save_policy_as_diffusion_checkpoint(module, diffusion_ckpt, run_dir / FINAL_CKPT)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    best = run_dir / BEST_CKPT
     outputs = {
         **checkpoint_outputs(run_dir, None),
         "final_ckpt": str(final.resolve()),
-        "best_ckpt": str(final.resolve()),
+        # Best on the validation probe (stage.fid_select), chosen on validation only; absent without a probe.
+        "best_ckpt": str(best.resolve()) if module.fid_probe is not None and best.is_file() else None,
+        "probe": {
+            **module.best.state_dict(),
+            "split": str(stage["fid_probe_split"]),
+            "extractor": module.fid_probe.extractor.identity if module.fid_probe is not None else None,
+        },
+        "kl_coef_final": module.kl.coef,
+        "sampling": rollout_sampling(stage),
         "base_diffusion_ckpt": diffusion_ckpt,
         "vqgan_ckpt": str(vqgan_ckpt),
         "iterations": int(module.iterations),

@@ -26,6 +26,7 @@ from mrrl.reward.losses import RANKING_LOSSES
 from mrrl.reward.models import KINDS, load_reward_model
 from mrrl.reward.module import MONITORS, RewardDataModule, RewardModule
 from mrrl.reward.splits import SPLIT_FILE, ensure_split
+from mrrl.runtime import seed_everything
 from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def check_config(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"stage.monitor must be one of {tuple(MONITORS)}, got {stage.monitor!r}")
     if stage.ranking.kind not in RANKING_LOSSES:
         raise ConfigError(f"stage.ranking.kind must be one of {RANKING_LOSSES}, got {stage.ranking.kind!r}")
+    if int(stage.ensemble_size) < 1:
+        raise ConfigError(f"stage.ensemble_size must be ≥ 1, got {stage.ensemble_size}")
     if float(stage.ranking_weight) < 0:
         raise ConfigError(f"stage.ranking_weight must be ≥ 0, got {stage.ranking_weight}")
     for kind in models:
@@ -122,6 +125,7 @@ def train_model(
         target_std=norm["std"],
         slice_targets=bool(section.get("slice_targets", True)),
         dataset_dir=str(dataset_dir.resolve()),
+        augment=OmegaConf.to_container(stage.augment, resolve=True),
     )
     datamodule = RewardDataModule(
         train_set, val_set, section["batch_size"], section["eval_batch_size"], int(stage.num_workers)
@@ -178,9 +182,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     )
     train_set, val_set = dataset.subset(split["train"]), dataset.subset(split["val"])
     norm = target_normalisation(train_set.rewards, bool(cfg.stage.normalize_targets))
-    results = {
-        kind: train_model(cfg, kind, run_dir / kind, train_set, val_set, norm, dataset_dir) for kind in models
-    }
+    size = int(cfg.stage.ensemble_size)
+    results, members = {}, {}
+    for kind in models:
+        members[kind] = []
+        for k, name in enumerate(member_names(kind, size)):
+            if k > 0:  # member 0 is the single model of ensemble_size=1; the others differ by their seed only
+                seed_everything(int(cfg.seed) + k)
+            results[name] = train_model(cfg, kind, run_dir / name, train_set, val_set, norm, dataset_dir)
+            members[kind].append(name)
     if not is_zero:
         return None
     outputs: dict[str, Any] = {
@@ -196,8 +206,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         },
         "target_normalization": norm,
         "models": results,
+        "ensemble_size": size,
         **{f"{kind}_ckpt": results[kind]["best_ckpt"] for kind in models},  # type: ignore[index]
     }
+    if size > 1:  # what PPO loads as the ensemble (stage=ppo reward.uncertainty_penalty)
+        outputs.update({f"{kind}_ckpts": [results[n]["best_ckpt"] for n in members[kind]] for kind in models})
     write_manifest(run_dir, "reward", outputs, cfg)
     for kind in models:
         val = results[kind]["val"]  # type: ignore[index]
@@ -206,6 +219,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             f"rank acc {_fmt(val['rank_acc'])}  ({results[kind]['best_ckpt']})"
         )  # type: ignore[index]
     return outputs
+
+
+def member_names(kind: str, size: int) -> list[str]:
+    """Folders of an ensemble's members: ``r3d`` (as without an ensemble), then ``r3d_m1``, ``r3d_m2``, ..."""
+    return [kind] + [f"{kind}_m{k}" for k in range(1, size)]
 
 
 def _fmt(value: float | None) -> str:
