@@ -45,15 +45,14 @@ def _ppo_probe_identity(experiment_dir: str, in_channels: int) -> str | None:
         manifest = read_manifest(experiment_dir, "ppo")
     except ManifestError:
         return None
-    recorded = manifest["outputs"].get("probe_extractor")
+    recorded = (manifest["outputs"].get("probe") or {}).get("extractor")
     if recorded:
         return str(recorded)
     stage = (manifest.get("config") or {}).get("stage") or {}
     name = stage.get("fid_extractor")
     if not name or not int(stage.get("fid_every") or 0):
         return None
-    options = dict((stage.get("fid_extractor_options") or {}).get(name) or {})
-    options.setdefault("in_channels", in_channels)
+    options = {"in_channels": in_channels, **dict(stage.get("fid_extractor_options") or {})}
     return build_extractor(str(name), **options).identity
 
 
