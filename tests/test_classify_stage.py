@@ -384,3 +384,48 @@ def test_two_ranks_share_the_sampling_then_train_together(base, tmp_path: Path) 
     assert done["n_volumes"] == 6
     assert [r["protocol"] for r in read_csv(out_dir / "table3.csv")] == ["standard"]
     assert result.stdout.count("Table 3") <= 1 and len(list(out_dir.rglob("manifest.json"))) == 1
+
+
+def test_paired_difference_interval_and_verdict() -> None:
+    """The fast bootstrap metrics equal ``binary_metrics``; a clearly better protocol is called better,
+    an identical one is not, and different test subjects are refused."""
+    from mrrl.classify.metrics import _fast_metrics, difference_verdict, paired_difference
+
+    rng = np.random.default_rng(0)
+    targets = np.array([0, 1] * 30)
+    for _ in range(5):
+        probs = rng.uniform(0, 1, targets.size)
+        probs[:4] = 0.5  # ties
+        expected = binary_metrics(probs.tolist(), targets.tolist(), 0.5)
+        assert _fast_metrics(probs, targets, 0.5) == pytest.approx(
+            tuple(expected[m] for m in ("accuracy", "f1", "auc")), abs=1e-6
+        )
+
+    def runs(signal: float) -> dict:
+        return {
+            s: (np.clip(0.5 + signal * (targets - 0.5) + rng.normal(0, 0.25, targets.size), 0, 1), targets)
+            for s in range(3)
+        }
+
+    good, weak = runs(0.6), runs(0.05)
+    diff = paired_difference(good, weak, n_boot=200, seed=0)
+    assert diff["accuracy"]["n_seeds"] == 3 and diff["auc"]["low"] > 0
+    assert difference_verdict(diff["auc"], "rl better", "rl worse") == "rl better"
+    same = paired_difference(weak, weak, n_boot=50)
+    assert (
+        same["accuracy"]["value"] == 0
+        and difference_verdict(same["accuracy"], "b", "w") == "no detectable difference"
+    )
+    with pytest.raises(ValueError, match="different subjects"):
+        paired_difference(good, {s: (p, 1 - t) for s, (p, t) in weak.items()}, n_boot=5)
+
+
+def test_table3_shows_paired_differences_between_protocols(base, synthetic_experiment) -> None:
+    markdown = (run_dir(base, "syn") / "table3.md").read_text()
+    assert "## Paired differences (row − column protocol)" in markdown
+    assert "RL synthetic (ours) − Standard synthetic | 2 |" in markdown
+    metrics = json.loads((run_dir(base, "syn") / "metrics.json").read_text())
+    (pair,) = metrics["paired"]
+    assert (pair["a"], pair["b"]) == ("rl", "standard")
+    est = pair["difference"]["accuracy"]
+    assert est["low"] <= est["value"] <= est["high"]

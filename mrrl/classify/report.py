@@ -25,6 +25,15 @@ def mean_pm_std(stats: Mapping[str, float]) -> str:
     return f"{fmt(mean)} ± {fmt(std)}"
 
 
+def fmt_difference(est: Mapping[str, float]) -> str:
+    """``+0.050 [-0.010, +0.110]``."""
+
+    def signed(v):
+        return "–" if v is None or not math.isfinite(v) else f"{v:+.3f}"
+
+    return f"{signed(est.get('value'))} [{signed(est.get('low'))}, {signed(est.get('high'))}]"
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -46,6 +55,25 @@ def render_markdown(results: Mapping[str, Any], title: str) -> str:
         [r["label"], str(len(r["seeds"])), *(mean_pm_std(r["metrics"][m]) for m in METRICS)] for r in rows
     ]
     lines += _md_table(["Protocol", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
+    if results.get("paired"):
+        lines += [
+            "",
+            "## Paired differences (row − column protocol)",
+            "",
+            "Mean over the shared seeds of the per-seed difference; 95 % percentile bootstrap interval "
+            "resampling seeds and test subjects together. A difference counts only where the interval "
+            "excludes 0.",
+            "",
+        ]
+        body = [
+            [
+                pair["label"],
+                str(pair["difference"]["accuracy"]["n_seeds"]),
+                *(f"{fmt_difference(pair['difference'][m])} — {pair['verdict'][m]}" for m in METRICS),
+            ]
+            for pair in results["paired"]
+        ]
+        lines += _md_table(["Difference", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
     if results["missing"]:
         lines += ["", "## Missing protocols", ""]
         lines += [f"- {why}" for why in results["missing"].values()]

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mrrl.classify.metrics import aggregate, binary_metrics
+from mrrl.classify.metrics import aggregate, binary_metrics, difference_verdict, paired_difference
 from mrrl.classify.model import MONITORS, build_classifier
 from mrrl.classify.protocols import Protocol, SyntheticVolumes, discover_protocols, generation_settings
 from mrrl.classify.report import write_tables
@@ -257,7 +257,11 @@ def summarize(cfg, datamodule, protocols, results, missing, synthetic_info, posi
                 "runs": runs,
             }
         )
+    iv = cfg.stage.intervals
     return {
+        "paired": paired_differences(
+            protocols, results, threshold, int(iv.n_boot), int(iv.seed), float(iv.level)
+        ),
         "experiment": cfg.experiment_name,
         "dataset": datamodule.name,
         "arch": str(cfg.stage.arch),
@@ -270,3 +274,31 @@ def summarize(cfg, datamodule, protocols, results, missing, synthetic_info, posi
         "missing": missing,
         "n_synthetic_per_class": int(cfg.stage.n_synthetic_per_class),
     }
+
+
+def paired_differences(
+    protocols, results, threshold: float, n_boot: int, seed: int, level: float
+) -> list[dict]:
+    """Every later protocol against every earlier one (standard − real, rl − real, rl − standard, ...):
+    the mean paired difference over shared seeds with its bootstrap interval and a verdict per metric."""
+    test_runs = {
+        p.key: {r["seed"]: (r["test"]["probs"], r["test"]["targets"]) for r in results[p.key]}
+        for p in protocols
+    }
+    out = []
+    for j, a in enumerate(protocols):
+        for b in protocols[:j]:
+            diff = paired_difference(test_runs[a.key], test_runs[b.key], threshold, n_boot, seed, level)
+            verdicts = {
+                m: difference_verdict(d, f"{a.key} better", f"{a.key} worse") for m, d in diff.items()
+            }
+            out.append(
+                {
+                    "a": a.key,
+                    "b": b.key,
+                    "label": f"{a.label} − {b.label}",
+                    "difference": diff,
+                    "verdict": verdicts,
+                }
+            )
+    return out
