@@ -34,11 +34,13 @@ def run_stage(cfg: DictConfig):
     Returns the stage's outputs, or with ``objective=<dotted key>`` that one metric as a float, which is what
     Hydra's Optuna sweeper optimises (``mrrl/objective.py``).
     """
+    from mrrl.config_checks import exit_on_bad_config
     from mrrl.distributed import begin_stage
     from mrrl.errors import MrrlError
     from mrrl.runtime import run_dir_from_hydra, seed_everything
     from mrrl.stages import get_stage
 
+    exit_on_bad_config(cfg)  # also run by the Hydra callback; here for sweep jobs and in-process callers
     begin_stage(cfg)  # DDP × --multirun guard, SLURM sizes, one W&B run per job: mrrl/distributed.py
     _route_lightning_logs_through_hydra()
     run_dir = run_dir_from_hydra(cfg)
