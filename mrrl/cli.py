@@ -48,6 +48,7 @@ def run_stage(cfg: DictConfig):
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
+    _pin_determinism(cfg)
     try:
         stage = get_stage(cfg.stage.name)
         if cfg.get("objective") is None:
@@ -64,6 +65,18 @@ def run_stage(cfg: DictConfig):
         print(f"mrrl: error: {exc}", file=sys.stderr)
         log.debug("details", exc_info=True)
         sys.exit(1)
+
+
+def _pin_determinism(cfg: DictConfig) -> None:
+    """``trainer.deterministic`` for every stage, also those that run no Lightning ``Trainer``."""
+    mode = OmegaConf.select(cfg, "trainer.deterministic")
+    if not mode:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=mode == "warn")
+    torch.backends.cudnn.benchmark = False
 
 
 def _route_lightning_logs_through_hydra() -> None:

@@ -47,7 +47,7 @@ class DataProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        return f"{self.path}: {' '.join(self.message.split())}"  # one line, whatever a decoder said
 
 
 class DataValidationError(MrrlError, ValueError):

@@ -275,22 +275,25 @@ class VolumeCache:
 
 
 def _npy_problem(path: Path, meta: dict, expected_shape: tuple[int, ...], checksum: bool) -> str | None:
-    """Why a cached ``.npy`` is not the one its sidecar describes (size, header, shape, dtype, CRC32)."""
-    size = path.stat().st_size
-    if size != meta.get("bytes"):
-        kind = "truncated" if size < int(meta.get("bytes") or 0) else "size changed"
-        return f"{kind}: {size} bytes, {meta.get('bytes')} written"
+    """Why a cached ``.npy`` is not the one its sidecar describes (header, shape, dtype, size, CRC32)."""
+    size, written = path.stat().st_size, meta.get("bytes")
     try:
         with path.open("rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
     except (OSError, ValueError) as exc:
-        return f"not a valid .npy file ({exc})"
+        if isinstance(written, int) and size < written:
+            return f"truncated: {size} of {written} bytes"
+        return f"not a valid .npy file ({' '.join(str(exc).split())})"
     if list(shape) != list(expected_shape) or list(shape) != list(meta.get("shape") or []):
         return f"shape {tuple(shape)}, expected {tuple(expected_shape)}"
     if str(dtype) != meta.get("dtype") or dtype != np.float32:
         return f"dtype {dtype}, expected float32"
+    if size != written:
+        return f"{'truncated' if isinstance(written, int) and size < written else 'size changed'}: {size} of {written} bytes"
     if checksum and zlib.crc32(path.read_bytes()) != meta.get("crc32"):
         return "checksum mismatch (the file changed after it was written)"
     return None
