@@ -91,9 +91,11 @@ TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "accumulate_grad_batches": (_int_at_least(1), "an int >= 1"),
     "num_nodes": (_int_at_least(1), "an int >= 1"),
     "devices": (
-        lambda v: (_is_int(v) and (v >= 1 or v == -1))
-        or isinstance(v, str)
-        or (isinstance(v, (list, ListConfig)) and all(_is_int(d) for d in v)),
+        lambda v: (
+            (_is_int(v) and (v >= 1 or v == -1))
+            or isinstance(v, str)
+            or (isinstance(v, (list, ListConfig)) and all(_is_int(d) for d in v))
+        ),
         "an int >= 1, -1 (all), 'auto' or a list of device indices",
     ),
     "limit_train_batches": (_limit, "null, an int >= 0 (batches) or a float in [0, 1] (fraction)"),

@@ -140,7 +140,9 @@ def test_every_defect_of_a_cohort_is_listed_in_one_run(tmp_path: Path) -> None:
     assert "found BraTS19_TEST_HGG_099_t1.nii.gz: files must be named after their case folder" in only(
         lines, f"{renamed.parent}: missing modality 't1'"
     )
-    assert "found BraTS19_TEST_HGG_099_flair.nii.gz" in only(lines, f"{renamed.parent}: missing modality 'flair'")
+    assert "found BraTS19_TEST_HGG_099_flair.nii.gz" in only(
+        lines, f"{renamed.parent}: missing modality 'flair'"
+    )
     assert len(lines) == 11
     assert not (tmp_path / "splits.json").exists()
 
@@ -237,7 +239,9 @@ def test_left_out_oasis_subjects_are_counted_and_named(tmp_path: Path) -> None:
         "OAS1_0007_MR1": "no CDR",
     }
     lines = format_left_out(left_out)
-    assert "left out 1 subject(s), no CDR (data.missing_cdr_as_cn=true labels them CN): OAS1_0007_MR1" in lines
+    assert (
+        "left out 1 subject(s), no CDR (data.missing_cdr_as_cn=true labels them CN): OAS1_0007_MR1" in lines
+    )
     assert "left out 1 subject(s), 0 < CDR < data.cdr_threshold=0.5: OAS1_0001_MR1" in lines
     many = format_left_out([{"id": f"S{i}", "reason": "no CDR"} for i in range(12)])
     assert many[0].startswith("left out 12 subject(s)") and "2 more in manifest.json" in many[0]
@@ -367,7 +371,9 @@ def test_bad_config_values_are_one_line(tmp_path: Path) -> None:
         message = str(info.value)
         assert expected in message and "\n" not in message, (override, message)
     cfg = compose_cfg(["stage=vqgan", "stage.trainer.max_epochs=abc"], tmp_path)
-    assert config_problems(cfg) == ["stage.trainer.max_epochs=abc: expected null or an int >= -1 (-1: no limit)"]
+    assert config_problems(cfg) == [
+        "stage.trainer.max_epochs=abc: expected null or an int >= -1 (-1: no limit)"
+    ]
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cfg = compose_cfg([], blocker / "runs")
@@ -429,4 +435,3 @@ def test_deterministic_flag_in_trainer_configs(tmp_path: Path) -> None:
     assert "trainer.deterministic=maybe" in " ".join(
         config_problems(compose_cfg(["trainer.deterministic=maybe"], tmp_path))
     )
-

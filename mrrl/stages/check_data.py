@@ -1,7 +1,8 @@
 """``mrrl stage=check_data``: validate and preprocess a dataset without training, print Table 1.
 
 Besides the voxel checks every stage runs, this stage verifies the checksum of every cached volume
-(damaged ones are rebuilt and named) and names the OASIS sessions the labelling rule leaves out.
+(damaged ones are rebuilt; the cache logs "rebuilt N corrupt cache file(s): …" and the manifest lists
+them) and names the OASIS sessions the labelling rule leaves out.
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     print(format_summary(summary))
     for line in format_left_out(summary["left_out"]):
         print(line)
-    if summary["cache_rebuilt"]:
-        listed = ", ".join(f"{Path(e['file']).name} ({e['reason']})" for e in summary["cache_rebuilt"])
-        print(f"rebuilt {len(summary['cache_rebuilt'])} corrupt cache file(s): {listed}")
     print(f"split file: {summary['split_file']}")
     write_manifest(run_dir, "check_data", summary, cfg)
     return summary
