@@ -53,7 +53,11 @@ class DataProblem:
 class DataValidationError(MrrlError, ValueError):
     """Raised before any training when the dataset is unusable; one line per problem, naming the file."""
 
-    def __init__(self, problems: Sequence[DataProblem], dataset: str = "dataset"):
+    def __init__(self, problems: Sequence[DataProblem] | str, dataset: str = "dataset"):
+        if isinstance(problems, str):  # re-raised from a DataLoader worker with its message only
+            super().__init__(problems)
+            self.problems = []
+            return
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{dataset}: {len(self.problems)} problem(s) found:\n{lines}")

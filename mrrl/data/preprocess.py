@@ -224,21 +224,20 @@ class VolumeCache:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"preprocess {self.dir.name}", disable=not progress, leave=False)
-        problems: list[DataProblem] = []
+        results: list[list[DataProblem]] = []
         if workers and workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = []
                 for result in pool.map(self.build, todo):
                     results.append(result)
                     bar.update()
         else:
-            results = []
             for subject in todo:
                 results.append(self.build(subject))
                 bar.update()
         bar.close()
+        problems: list[DataProblem] = []
         for subject, result in zip(todo, results):
             problems += result
             state, reason = states[subject.id]
