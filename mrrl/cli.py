@@ -69,7 +69,8 @@ def run_stage(cfg: DictConfig):
 
 def _pin_determinism(cfg: DictConfig) -> None:
     """``trainer.deterministic`` for every stage, also those that run no Lightning ``Trainer``."""
-    mode = OmegaConf.select(cfg, "trainer.deterministic")
+    mode = OmegaConf.select(cfg, "stage.trainer.deterministic", default=None)
+    mode = OmegaConf.select(cfg, "trainer.deterministic") if mode is None else mode
     if not mode:
         return
     import torch
