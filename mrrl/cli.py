@@ -34,11 +34,13 @@ def run_stage(cfg: DictConfig):
     Returns the stage's outputs, or with ``objective=<dotted key>`` that one metric as a float, which is what
     Hydra's Optuna sweeper optimises (``mrrl/objective.py``).
     """
+    from mrrl.config_checks import exit_on_bad_config
     from mrrl.distributed import begin_stage
     from mrrl.errors import MrrlError
     from mrrl.runtime import run_dir_from_hydra, seed_everything
     from mrrl.stages import get_stage
 
+    exit_on_bad_config(cfg)  # also run by the Hydra callback; here for sweep jobs and in-process callers
     begin_stage(cfg)  # DDP × --multirun guard, SLURM sizes, one W&B run per job: mrrl/distributed.py
     _route_lightning_logs_through_hydra()
     run_dir = run_dir_from_hydra(cfg)
@@ -46,6 +48,7 @@ def run_stage(cfg: DictConfig):
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(cfg.seed)
+    _pin_determinism(cfg)
     try:
         stage = get_stage(cfg.stage.name)
         if cfg.get("objective") is None:
@@ -62,6 +65,19 @@ def run_stage(cfg: DictConfig):
         print(f"mrrl: error: {exc}", file=sys.stderr)
         log.debug("details", exc_info=True)
         sys.exit(1)
+
+
+def _pin_determinism(cfg: DictConfig) -> None:
+    """``trainer.deterministic`` for every stage, also those that run no Lightning ``Trainer``."""
+    mode = OmegaConf.select(cfg, "stage.trainer.deterministic", default=None)
+    mode = OmegaConf.select(cfg, "trainer.deterministic") if mode is None else mode
+    if not mode:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=mode == "warn")
+    torch.backends.cudnn.benchmark = False
 
 
 def _route_lightning_logs_through_hydra() -> None:

@@ -45,7 +45,7 @@ def test_check_data_prints_summary_and_writes_manifest(tmp_path: Path) -> None:
 
 def test_check_data_bad_input_exits_nonzero_with_named_files(tmp_path: Path) -> None:
     root = make_brats(tmp_path / "brats", n_hgg=2, n_lgg=2, modalities=("flair",))
-    victim = next(root.rglob("*_flair.nii.gz"))
+    victim = root / "HGG" / "BraTS19_TEST_HGG_000" / "BraTS19_TEST_HGG_000_flair.nii.gz"
     victim.write_bytes(b"garbage")
     (root / "HGG" / "BraTS19_TEST_HGG_001" / "BraTS19_TEST_HGG_001_flair.nii.gz").unlink()
     result = run_cli(
@@ -58,7 +58,9 @@ def test_check_data_bad_input_exits_nonzero_with_named_files(tmp_path: Path) -> 
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip().startswith("- ")]
-    assert len(lines) == 1 and "missing modality 'flair'" in lines[0]  # discovery problems come first
+    # One pass (issue 17): the missing modality does not hide the corrupt file; naming problems come first.
+    assert len(lines) == 2 and "missing modality 'flair'" in lines[0]
+    assert str(victim) in lines[1] and "unreadable, truncated or corrupt" in lines[1]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "default" / "check_data" / "manifest.json").exists()
 

@@ -20,7 +20,7 @@ from mrrl.data.layouts import (
     discover_brats,
     discover_oasis,
 )
-from mrrl.data.preprocess import PreprocessConfig, VolumeCache
+from mrrl.data.preprocess import PreprocessConfig, VolumeCache, VolumeError, load_volume
 from mrrl.data.splits import SPLITS, load_or_create_splits, read_split_file
 
 FORMATS = {"brats": BRATS_CLASSES, "oasis": OASIS_CLASSES}
@@ -59,7 +59,7 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         subject = self.subjects[index]
-        image = torch.from_numpy(np.ascontiguousarray(self.cache.load(subject.id)))
+        image = torch.from_numpy(np.ascontiguousarray(self.cache.read(subject)))
         if self.augment is not None:
             image = torch.as_tensor(self.augment(image)).float()
         return {"image": image, "label": torch.tensor(self.class_to_idx[subject.label]), "id": subject.id}
@@ -139,6 +139,7 @@ class MRIDataModule(L.LightningDataModule):
         require_all_csv_images: bool = False,
         phantom: Mapping[str, Any] | None = None,
         progress: bool = True,
+        verify_checksums: bool = False,
     ):
         super().__init__()
         if format not in FORMATS:
@@ -172,6 +173,8 @@ class MRIDataModule(L.LightningDataModule):
         }
         self.phantom = dict(phantom) if phantom else None
         self.progress = progress
+        self.verify_checksums = bool(verify_checksums)  # check_data: CRC32 of every cached volume
+        self.left_out: list[tuple[str, str]] = []  # OASIS sessions the labelling rule leaves out
         self.splits: dict[str, list[str]] = {}
         self.subjects: dict[str, Subject] = {}
         self.datasets: dict[str, VolumeDataset] = {}
@@ -202,16 +205,18 @@ class MRIDataModule(L.LightningDataModule):
         options = {k: v for k, v in self.phantom.items() if k != "kind"}
         make_phantom_cohort(self.phantom["kind"], self.root, progress=self.progress, **options)
 
-    def discover(self) -> tuple[list[Subject], list[DataProblem]]:
+    def discover(self, incomplete: list[Subject] | None = None) -> tuple[list[Subject], list[DataProblem]]:
+        """Subjects and naming problems; BraTS cases missing a modality go to ``incomplete``."""
         if self.format == "brats":
-            subjects, problems = discover_brats(self.root, self.modalities, self.classes)
+            subjects, problems = discover_brats(self.root, self.modalities, self.classes, incomplete)
         else:
             if self.modalities not in {("t1",), ("mprage",)}:
                 problems = [
                     DataProblem(self.root, "OASIS-1 has one modality (T1 MPRAGE): use data.modalities=[t1]")
                 ]
                 return [], problems
-            subjects, problems = discover_oasis(self.root, **self.oasis_options)
+            self.left_out = []
+            subjects, problems = discover_oasis(self.root, **self.oasis_options, left_out=self.left_out)
         seen: set[str] = set()
         for subject in subjects:
             if subject.label not in self.classes:
@@ -222,11 +227,26 @@ class MRIDataModule(L.LightningDataModule):
         return subjects, problems
 
     def validate(self) -> list[Subject]:
-        """Discover, check and cache every subject; raise one error listing every problem."""
+        """Discover, check and cache every subject; raise one error listing every problem.
+
+        One pass: naming problems (a missing modality) do not stop the voxel checks of every file that
+        is there, so the user sees all problems of the dataset at once.
+        """
         self._make_phantom()
-        subjects, problems = self.discover()
-        if not problems:
-            problems = self.cache.ensure(subjects, workers=self.preprocess_workers, progress=self.progress)
+        incomplete: list[Subject] = []
+        subjects, problems = self.discover(incomplete)
+        problems += self.cache.ensure(
+            subjects,
+            workers=self.preprocess_workers,
+            progress=self.progress,
+            verify_checksums=self.verify_checksums,
+        )
+        for subject in incomplete:
+            for path in subject.files:
+                try:
+                    load_volume(path)
+                except VolumeError as exc:
+                    problems.append(DataProblem(path, str(exc)))
         if problems:
             raise DataValidationError(problems, dataset=f"{self.name} ({self.root})")
         return subjects
@@ -318,6 +338,8 @@ class MRIDataModule(L.LightningDataModule):
             "counts": counts,
             "split_file": str(self.split_file or self.split_path),
             "cache_dir": str(self.cache.dir),
+            "left_out": [{"id": i, "reason": why} for i, why in self.left_out],
+            "cache_rebuilt": [{"file": str(p), "reason": why} for p, why in self.cache.rebuilt],
         }
 
 

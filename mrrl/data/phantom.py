@@ -18,6 +18,7 @@ import csv
 import functools
 import importlib.util
 import json
+import logging
 import math
 import multiprocessing as mp
 import re
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+log = logging.getLogger(__name__)
 PHANTOM_VERSION = 1
 PHANTOM_CLASSES = {"tumor": ("HGG", "LGG"), "atrophy": ("AD", "CN")}
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -782,22 +784,104 @@ def make_phantom_cohort(
         _check_replaceable(root)
     load_template(config["resolution_mm"])  # fail early if nilearn or its template is missing
     root.parent.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temp_dirs(root.parent)
+    if stale:
+        log.info("removed %d folder(s) left by killed phantom generations: %s", len(stale), stale)
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
-        jobs = _plan(
-            kind, config["n_per_class"], config["seed"], tmp, config["resolution_mm"], float(class_separation)
-        )
-        results = _run(jobs, int(workers), progress)
-        if kind == "atrophy":
-            _write_csv(tmp / OASIS_CSV_NAME, [_oasis_row(r["name"], r["params"]) for r in results])
-        marker = {"config": config, "subjects": results}
-        (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=1))
-        _replace_dir(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _TempLock(tmp):
+        try:
+            tmp.mkdir()
+            jobs = _plan(
+                kind, config["n_per_class"], config["seed"], tmp, config["resolution_mm"], float(class_separation)
+            )
+            results = _run(jobs, int(workers), progress)
+            if kind == "atrophy":
+                _write_csv(tmp / OASIS_CSV_NAME, [_oasis_row(r["name"], r["params"]) for r in results])
+            marker = {"config": config, "subjects": results}
+            (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=1))
+            _replace_dir(tmp, root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# ------------------------------------------------------------------------------------------ temp folders
+_TEMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+
+
+class _TempLock:
+    """An exclusive ``flock`` on ``<tmp>.lock`` held while a generation writes ``<tmp>``.
+
+    Taken before ``<tmp>`` exists and released (file removed) after it is gone, so a folder whose lock
+    can be taken belongs to no running generation: a killed one (the kernel drops its lock).
+    """
+
+    def __init__(self, tmp: Path):
+        self.path = tmp.with_name(tmp.name + ".lock")
+        self.handle = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        import fcntl
+
+        try:
+            self.handle = self.path.open("a")
+        except OSError:
+            return False
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError:
+            self.handle.close()
+            self.handle = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()  # closing drops the lock
+            self.handle = None
+
+    def __enter__(self) -> _TempLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_temp_dirs(parent: Path) -> list[Path]:
+    """Delete the ``.<cohort>.tmp-*`` / ``.old-*`` folders that killed generations left in ``parent``.
+
+    A ``.tmp-*`` folder is stale when no process holds its lock (``.old-*`` ones are always stale: a
+    running generation deletes its own right away). A folder is removed only if it holds nothing but cohort
+    files, so a user's dot-folder with a similar name is never touched. Returns what was removed.
+    """
+    removed = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        name = path.name.removesuffix(".lock")
+        if not _TEMP_RE.match(name):
+            continue
+        folder = path.with_name(name)
+        try:
+            if folder.is_dir() and any(not _ENTRY_RE.match(p.name) for p in folder.iterdir()):
+                continue  # not a cohort: not ours
+        except OSError:
+            continue  # gone meanwhile (renamed into place by its generation)
+        lock = _TempLock(folder)
+        if ".tmp-" in name and not lock.acquire(blocking=False):
+            continue  # a running generation is writing it
+        try:
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        finally:
+            lock.release()
+    return removed
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

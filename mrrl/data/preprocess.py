@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +28,11 @@ from monai.transforms import (
 )
 
 from mrrl.data.layouts import DataProblem, Subject
+from mrrl.data.validation import access_problem, geometry_problem, nonfinite_problem, read_error
 from mrrl.utils.io import atomic_save_npy, atomic_write_json
 
 CACHE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,25 +51,33 @@ class PreprocessConfig:
 
 
 class VolumeError(ValueError):
-    """A single file is unusable; the message says why."""
+    """A single file is unusable; the message says why (``path``: the file, when the caller cannot tell)."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI/Analyze volume (trailing singleton dimensions squeezed) and check its voxels."""
+    problem = access_problem(Path(path))
+    if problem:
+        raise VolumeError(problem)
     try:
         image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+            data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise VolumeError(f"unreadable, truncated or corrupt image ({type(exc).__name__}: {exc})") from exc
+        raise VolumeError(read_error(exc)) from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"expected a 3D volume, got shape {tuple(image.shape)}")
     if min(data.shape) < 2:
         raise VolumeError(f"degenerate volume shape {data.shape}")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise VolumeError(f"{int(bad.sum())} NaN/Inf voxels")
+    problem = nonfinite_problem(image, data) or geometry_problem(image)
+    if problem:
+        raise VolumeError(problem)
     lo, hi = float(data.min()), float(data.max())
     if hi == lo:
         kind = "empty (all zeros)" if hi == 0 else f"constant (all voxels = {hi:g})"
@@ -117,7 +129,8 @@ def preprocess_with_geometry(subject: Subject, cfg: PreprocessConfig) -> tuple[n
         data, file_affine = load_volume(path)
         if channels and data.shape != channels[0].shape:
             raise VolumeError(
-                f"shape {data.shape} differs from the subject's other channels {channels[0].shape}"
+                f"shape {data.shape} differs from {Path(subject.files[0]).name}'s shape {channels[0].shape}",
+                path=path,
             )
         channels.append(data)
         affine = file_affine if affine is None else affine
@@ -155,11 +168,19 @@ def source_signature(subject: Subject) -> list[list[object]]:
 
 
 class VolumeCache:
-    """Preprocessed volumes as ``<cache_root>/<dataset>-<fingerprint>/<subject>.npy`` plus a JSON sidecar."""
+    """Preprocessed volumes as ``<cache_root>/<dataset>-<fingerprint>/<subject>.npy`` plus a JSON sidecar.
+
+    The sidecar records the array's shape, dtype, file size and CRC32 at write. Every ``ensure`` checks
+    size and ``.npy`` header (cheap); ``ensure(verify_checksums=True)`` (``check_data``) and the first
+    :meth:`read` of an entry in a process also check the CRC32. A truncated, junk, replaced (e.g. all-NaN)
+    or wrong-shape file is rebuilt from its source files and the rebuild is logged; ``rebuilt`` lists them.
+    """
 
     def __init__(self, cache_root: str | Path, dataset: str, cfg: PreprocessConfig):
         self.cfg = cfg
         self.dir = Path(cache_root) / f"{dataset}-{cfg.fingerprint()}"
+        self.rebuilt: list[tuple[Path, str]] = []
+        self._verified: set[str] = set()
 
     def array_path(self, subject_id: str) -> Path:
         return self.dir / f"{subject_id}.npy"
@@ -167,72 +188,147 @@ class VolumeCache:
     def _meta_path(self, subject_id: str) -> Path:
         return self.dir / f"{subject_id}.json"
 
-    def is_fresh(self, subject: Subject) -> bool:
-        meta_path = self._meta_path(subject.id)
-        if not meta_path.is_file() or not self.array_path(subject.id).is_file():
-            return False
+    def inspect(self, subject: Subject, checksum: bool = False) -> tuple[str, str]:
+        """``("fresh"|"stale"|"corrupt", reason)``: stale = not built or source changed; corrupt = damaged."""
+        meta_path, array_path = self._meta_path(subject.id), self.array_path(subject.id)
+        if not meta_path.is_file() or not array_path.is_file():
+            return "stale", "not cached yet"
         try:
             meta = json.loads(meta_path.read_text())
-            return meta.get("source") == source_signature(subject)
-        except (OSError, json.JSONDecodeError):
-            return False
+        except (OSError, ValueError):
+            return "corrupt", "unreadable sidecar JSON"
+        if not isinstance(meta, dict) or meta.get("source") != source_signature(subject):
+            return "stale", "source files changed"
+        if "crc32" not in meta:
+            return "stale", "written by an older mrrl (no checksum)"
+        reason = _npy_problem(array_path, meta, (len(subject.files), *self.cfg.image_size), checksum)
+        return ("corrupt", reason) if reason else ("fresh", "")
 
-    def build(self, subject: Subject) -> DataProblem | None:
-        """Preprocess one subject into the cache; return the problem instead of raising."""
+    def is_fresh(self, subject: Subject) -> bool:
+        return self.inspect(subject)[0] == "fresh"
+
+    def build(self, subject: Subject) -> list[DataProblem]:
+        """Preprocess one subject into the cache; return its problems instead of raising."""
         try:
             array, geometry = preprocess_with_geometry(subject, self.cfg)
         except VolumeError as exc:
-            bad = _failing_file(subject, exc)
-            return DataProblem(bad, str(exc))
-        atomic_save_npy(self.array_path(subject.id), array)
+            return _channel_problems(subject, exc)
+        except Exception as exc:  # a transform failing on input the checks let through: still name it
+            return [DataProblem(subject.files[0], f"preprocessing failed ({type(exc).__name__}: {exc})")]
+        path = atomic_save_npy(self.array_path(subject.id), array)
         # The sidecar is written last: a subject is cached only once both files are complete.
         atomic_write_json(
             self._meta_path(subject.id),
             {
                 "source": source_signature(subject),
                 "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "bytes": path.stat().st_size,
+                "crc32": zlib.crc32(path.read_bytes()),
                 "label": subject.label,
                 "geometry": geometry,
             },
         )
-        return None
+        return []
 
     def ensure(
-        self, subjects: Sequence[Subject], workers: int = 0, progress: bool = True
+        self,
+        subjects: Sequence[Subject],
+        workers: int = 0,
+        progress: bool = True,
+        verify_checksums: bool = False,
     ) -> list[DataProblem]:
-        """Build every stale entry; return all problems (voxel checks only run for files not yet cached)."""
-        todo = [s for s in subjects if not self.is_fresh(s)]
+        """Build every stale or corrupt entry; return all problems (voxel checks only for files not cached)."""
+        states = {s.id: self.inspect(s, checksum=verify_checksums) for s in subjects}
+        todo = [s for s in subjects if states[s.id][0] != "fresh"]
         if not todo:
             return []
         self.dir.mkdir(parents=True, exist_ok=True)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"preprocess {self.dir.name}", disable=not progress, leave=False)
-        problems: list[DataProblem] = []
+        results: list[list[DataProblem]] = []
         if workers and workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for problem in pool.map(self.build, todo):
-                    problems += [problem] if problem else []
+                for result in pool.map(self.build, todo):
+                    results.append(result)
                     bar.update()
         else:
             for subject in todo:
-                problem = self.build(subject)
-                problems += [problem] if problem else []
+                results.append(self.build(subject))
                 bar.update()
         bar.close()
+        problems: list[DataProblem] = []
+        for subject, result in zip(todo, results):
+            problems += result
+            state, reason = states[subject.id]
+            if state == "corrupt" and not result:
+                self.rebuilt.append((self.array_path(subject.id), reason))
+        self._report_rebuilt()
         return problems
 
+    def _report_rebuilt(self) -> None:
+        if self.rebuilt:
+            listed = ", ".join(f"{p.name} ({why})" for p, why in self.rebuilt)
+            log.warning("rebuilt %d corrupt cache file(s) in %s: %s", len(self.rebuilt), self.dir, listed)
+
     def load(self, subject_id: str) -> np.ndarray:
+        """The cached array as it is on disk (no check; :meth:`read` is what datasets use)."""
         return np.load(self.array_path(subject_id))
 
+    def read(self, subject: Subject) -> np.ndarray:
+        """The cached array, its CRC32 checked on this process's first read; rebuilt if it is damaged."""
+        if subject.id in self._verified:
+            return self.load(subject.id)
+        state, reason = self.inspect(subject, checksum=True)
+        if state != "fresh":
+            problems = self.build(subject)
+            if problems:
+                from mrrl.data.layouts import DataValidationError
 
-def _failing_file(subject: Subject, exc: VolumeError) -> Path:
-    """Name the file that failed: re-check each channel on its own (cheap, only on the error path)."""
+                raise DataValidationError(problems, dataset=f"cache {self.dir}")
+            if state == "corrupt":
+                self.rebuilt.append((self.array_path(subject.id), reason))
+                log.warning("rebuilt corrupt cache file %s (%s)", self.array_path(subject.id), reason)
+        self._verified.add(subject.id)
+        return self.load(subject.id)
+
+
+def _npy_problem(path: Path, meta: dict, expected_shape: tuple[int, ...], checksum: bool) -> str | None:
+    """Why a cached ``.npy`` is not the one its sidecar describes (header, shape, dtype, size, CRC32)."""
+    size, written = path.stat().st_size, meta.get("bytes")
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    except (OSError, ValueError) as exc:
+        if isinstance(written, int) and size < written:
+            return f"truncated: {size} of {written} bytes"
+        return f"not a valid .npy file ({' '.join(str(exc).split())})"
+    if list(shape) != list(expected_shape) or list(shape) != list(meta.get("shape") or []):
+        return f"shape {tuple(shape)}, expected {tuple(expected_shape)}"
+    if str(dtype) != meta.get("dtype") or dtype != np.float32:
+        return f"dtype {dtype}, expected float32"
+    if size != written:
+        return f"{'truncated' if isinstance(written, int) and size < written else 'size changed'}: {size} of {written} bytes"
+    if checksum and zlib.crc32(path.read_bytes()) != meta.get("crc32"):
+        return "checksum mismatch (the file changed after it was written)"
+    return None
+
+
+def _channel_problems(subject: Subject, exc: VolumeError) -> list[DataProblem]:
+    """Name the failing file(s): re-check each channel on its own (cheap, only on the error path)."""
+    if exc.path is not None:
+        return [DataProblem(exc.path, str(exc))]
+    problems = []
     for path in subject.files:
         try:
             load_volume(path)
-        except VolumeError:
-            return path
-    return subject.files[0]
+        except VolumeError as channel_exc:
+            problems.append(DataProblem(path, str(channel_exc)))
+    return problems or [DataProblem(subject.files[0], str(exc))]

@@ -29,7 +29,7 @@ def make_splits(
 ) -> dict[str, list[str]]:
     """Per class: shuffle with ``seed``, take ``test_per_class`` for test, then ``val_fraction`` of the rest."""
     if not 0 <= val_fraction < 1:
-        raise SplitError(f"data.split.val_fraction must be in [0, 1), got {val_fraction}")
+        raise SplitError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     by_class: dict[str, list[str]] = {}
     for subject in subjects:
         by_class.setdefault(subject.label, []).append(subject.id)
@@ -38,8 +38,8 @@ def make_splits(
         ids = sorted(by_class[label])
         if len(ids) <= test_per_class:
             raise SplitError(
-                f"class {label} has {len(ids)} subjects but data.split.test_per_class={test_per_class}: "
-                "nothing would be left to train on; lower data.split.test_per_class"
+                f"class {label} has {len(ids)} subjects but data.test_per_class={test_per_class}: "
+                "nothing would be left to train on; lower data.test_per_class"
             )
         # Independent stream per class: adding subjects of one class never reshuffles another.
         random.Random(f"{seed}:{label}").shuffle(ids)
@@ -93,7 +93,7 @@ def check_splits(
     if unknown:
         raise SplitError(
             f"{source}: {len(unknown)} subject(s) not in the dataset (first: {unknown[:3]}); the dataset changed "
-            "since the split was written — delete the split file or pass data.split.file=<file>"
+            "since the split was written — delete the split file or pass data.split_file=<file>"
         )
 
 
@@ -125,7 +125,7 @@ def load_or_create_splits(
             raise SplitError(
                 f"{split_path} was written with {stored}, but the config asks for {settings}; every stage of an "
                 "experiment must see the same split: delete the file, use another experiment name, or pass "
-                "data.split.file=<file>"
+                "data.split_file=<file>"
             )
         splits = read_split_file(split_path)
         check_splits(splits, subjects, split_path)
