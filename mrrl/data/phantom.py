@@ -792,7 +792,12 @@ def make_phantom_cohort(
         try:
             tmp.mkdir()
             jobs = _plan(
-                kind, config["n_per_class"], config["seed"], tmp, config["resolution_mm"], float(class_separation)
+                kind,
+                config["n_per_class"],
+                config["seed"],
+                tmp,
+                config["resolution_mm"],
+                float(class_separation),
             )
             results = _run(jobs, int(workers), progress)
             if kind == "atrophy":
