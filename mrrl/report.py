@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrrl.classify.report import fmt_difference
+from mrrl.evaluation.tables import calibration_section, headline_section
 from mrrl.utils.io import atomic_write_text, read_metrics_csv
 
 REPORT_NAME = "report.md"
@@ -576,6 +578,14 @@ def section_table2(ctx: Context) -> list[str]:
         return [_stage_hint(ctx.exp, "evaluate")]
     cols = _fid_columns(results)
     lines += ["Reference: the real test split. FIDs compare only within one feature extractor.", ""]
+    if results.get("intervals"):  # the headline numbers with intervals, the floor, premises and the ladder
+        lines += [
+            *headline_section(results, "###"),
+            *calibration_section(results, "###"),
+            "",
+            "### Point values",
+            "",
+        ]
     for extractor, per_model in (results.get("fid") or {}).items():
         labels = _model_labels(results, per_model)
         rows = [[labels[k], *(fmt_fid(per_class.get(c)) for c in cols)] for k, per_class in per_model.items()]
@@ -654,6 +664,20 @@ def section_table3(ctx: Context) -> list[str]:
         for key, p in (out.get("protocols") or {}).items()
     ]
     lines += md_table(["Protocol", "Seeds", *(label for _, label in CLASSIFY_METRICS)], rows)
+    if out.get("paired"):
+        rows = [
+            [
+                pair["label"],
+                pair["difference"]["accuracy"]["n_seeds"],
+                *(
+                    f"{fmt_difference(pair['difference'][m])} — {pair['verdict'][m]}"
+                    for m, _ in CLASSIFY_METRICS
+                ),
+            ]
+            for pair in out["paired"]
+        ]
+        lines += ["", "Paired differences (95 % bootstrap over seeds and test subjects):", ""]
+        lines += md_table(["Difference", "Seeds", *(label for _, label in CLASSIFY_METRICS)], rows)
     if out.get("missing"):
         lines += ["", "Protocols not run:", "", *(f"- {why}" for why in out["missing"].values())]
     paper = PAPER_TABLE3.get(ctx.exp.dataset or "")

@@ -486,3 +486,50 @@ def test_ablation_configs_reuse_the_brats_run(tmp_path: Path) -> None:
     assert evaluate.stage.vqgan_ckpt == f"{tmp_path}/brats2019/vqgan/checkpoints/best.ckpt"
     classify = compose_config(["experiment=ablation_sparse_steps", "stage=classify", root])
     assert list(classify.stage.protocols) == ["rl"]
+
+
+def test_table2_shows_intervals_floor_premises_and_verdicts(tmp_path: Path) -> None:
+    """evaluate's intervals reach report.md: headline FID/KID with intervals, gap closed with its verdict,
+    the noise floor and the premises with pass/fail marks."""
+    import torch
+
+    from mrrl.evaluation.calibration import premise_checks
+    from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
+    from mrrl.report import build_report
+
+    exp = tmp_path / "brats2019"
+    cfg = config("brats2019")
+    write_evaluate(exp, cfg)
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n, shift):
+        return {c: torch.randn(n, 6, generator=gen) + shift for c in CLASSES}
+
+    real = rows(30, 0.0)
+    fake = {"vqgan": rows(40, 0.2), "standard": rows(40, 1.5), "rl": rows(40, 0.6)}
+    fake |= {f"ladder_t{t:03d}": rows(30, t / 50) for t in (0, 50, 99)}
+    calibration = {f"ladder_t{t:03d}": {"kind": "ladder", "t": t, "num_steps": 100} for t in (0, 50, 99)}
+    iv = bootstrap_scores(real, fake, 30, 0)
+    floor = split_half_floor(real, 5)
+    metrics_path = exp / "evaluate" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["models"] = [{**m, "n_per_class": {c: 40 for c in CLASSES}} for m in metrics["models"]]
+    metrics |= {
+        "intervals": {"random2d": iv},
+        "floor": {"random2d": floor},
+        "calibration": calibration,
+        "premises": {c: premise_checks(iv, calibration, floor, c) for c in [*CLASSES, "All"]},
+        "headline": {
+            "extractor": "random2d",
+            "identity": "random2d(seed=0)#x",
+            "held_out": True,
+            "coincides_with": [],
+            "checked": ["reward_data (reward labels)"],
+        },
+    }
+    metrics_path.write_text(json.dumps(metrics))
+    table2 = section(build_report(exp), "Table 2")
+    assert "### Headline: random2d (held out ✓)" in table2
+    assert "— RL better" in table2 and "Noise floor" in table2
+    assert "| reconstruction FID rises with t | All |" in table2 and "pass ✓" in table2
+    assert "**random2d**" in table2  # the ladder table

@@ -75,7 +75,7 @@ def fmt_est(est: Mapping[str, float] | None, digits: int = 3, scale: float = 1.0
 KID_SCALE = 1000.0  # KID values are small: shown ×10³
 
 
-def headline_section(results: Mapping[str, Any]) -> list[str]:
+def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[str]:
     """FID and KID with intervals on the headline extractor, the gap closed with its verdict, the floor."""
     head = results.get("headline")
     if not head or head["extractor"] not in results.get("intervals", {}):
@@ -88,7 +88,7 @@ def headline_section(results: Mapping[str, Any]) -> list[str]:
     n_fake = {c: max((m["n_per_class"].get(c, 0) for m in models), default=0) for c in results["classes"]}
     lines = [
         "",
-        f"## Headline: {name} ({mark})",
+        f"{heading} Headline: {name} ({mark})",
         "",
         f"Extractor identity `{head['identity']}`; compared against {checked}. Intervals: {int(100 * iv['level'])} % "
         f"percentile bootstrap, {iv['n_boot']} resamples of real and generated volumes (seed {iv['seed']}); "
@@ -142,13 +142,13 @@ def headline_section(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def calibration_section(results: Mapping[str, Any]) -> list[str]:
+def calibration_section(results: Mapping[str, Any], heading: str = "##") -> list[str]:
     """The premises (headline extractor) with pass/fail, and the ladder / trajectory of every extractor."""
     info = results.get("calibration") or {}
     if not info:
         return []
     cols = columns(results)
-    lines = ["", "## The paper's premises (headline extractor)", ""]
+    lines = ["", f"{heading} The paper's premises (headline extractor)", ""]
     body = []
     for col, checks in results["premises"].items():
         for check in checks:
@@ -163,7 +163,7 @@ def calibration_section(results: Mapping[str, Any]) -> list[str]:
         "A trend passes when its last point is beyond its first and no step reverses by more than the "
         "intervals allow.",
         "",
-        "## Calibration ladder and synthetic trajectory (FID, every extractor)",
+        f"{heading} Calibration ladder and synthetic trajectory (FID, every extractor)",
         "",
     ]
     names = sorted(info, key=lambda n: (info[n]["kind"], info[n].get("t", info[n].get("steps"))))

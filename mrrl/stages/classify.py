@@ -207,6 +207,7 @@ def write_outputs(cfg: DictConfig, run_dir: Path, summary: Mapping[str, Any]) ->
             for r in summary["protocols"]
         },
         "missing": summary["missing"],
+        "paired": summary["paired"],
     }
     outputs = _finite_or_none(outputs)
     write_manifest(run_dir, "classify", outputs, cfg)
