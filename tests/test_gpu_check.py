@@ -1,0 +1,130 @@
+"""benchmarks/gpu_check.py: the CPU smoke run of the prepared GPU check (same code paths, tiny), so the check
+cannot rot while no GPU is at hand; its budget, its NaN detection and its target verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# monai_bench.py is not part of the repository: the check finds it in the git-ignored .bench/ (copied there
+# by benchmarks/gpu_check.sh) or beside the checkout in ../shared/bench/.
+BASELINES = [REPO / ".bench" / "monai_bench.py", REPO.parent / "shared" / "bench" / "monai_bench.py"]
+BASELINE = next((p for p in BASELINES if p.is_file()), None)
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load_gpu_check()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    """One smoke run: every stage end to end at 16³, every benchmark case and (when found) the baselines."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    argv = ["--device", "cpu", "--smoke", "--out", str(out)]
+    argv += ["--baseline", str(BASELINE if BASELINE else out / "missing" / "monai_bench.py")]
+    status = gpu_check.main(argv)
+    return {"status": status, "out": out, "report": json.loads((out / "gpu_check.json").read_text())}
+
+
+def test_smoke_runs_every_stage_end_to_end(smoke) -> None:
+    assert smoke["status"] == 0
+    report = smoke["report"]
+    e2e = {r["name"]: r for r in report["records"] if r["part"] == "e2e"}
+    assert list(e2e) == list(gpu_check.STAGES)
+    assert all(r["status"] == "ok" for r in e2e.values()), {k: r.get("error") for k, r in e2e.items()}
+    for stage in gpu_check.STAGES:  # through the real entry: each stage wrote its manifest
+        manifest = smoke["out"] / "runs" / "gpu_check" / stage / "manifest.json"
+        assert json.loads(manifest.read_text())["stage"] == stage
+    assert report["e2e_ok"] is True
+
+
+def test_smoke_times_every_case_and_writes_the_table(smoke) -> None:
+    records = [r for r in smoke["report"]["records"] if r["part"] == "bench"]
+    names = {r["name"] for r in records}
+    for wanted in ("vqgan 64 b2 fp32", "diffusion train b16 bf16", "ppo K50 bf16", "classifier step b8 bf16"):
+        assert wanted in names
+    assert any("+grad-ckpt" in n for n in names) and any("+channels-last" in n for n in names)
+    for r in records:
+        assert r["status"] == "ok", (r["name"], r.get("error"))
+        assert r["throughput"] > 0 and math.isfinite(r["throughput"]) and r["peak_mib"] > 0
+    rows = {r["name"]: r for r in smoke["report"]["comparisons"]}
+    assert rows["PPO iteration K=50"]["peak_k50_over_k10"] > 0
+    markdown = (smoke["out"] / "gpu_check.md").read_text()
+    assert "| case | unit | mrrl | baseline | ratio |" in markdown and "## End to end" in markdown
+    if BASELINE is None:
+        skipped = smoke["report"]["skipped"]
+        assert any(s["part"] == "baseline" and "gpu_check.sh" in s["why"] for s in skipped)
+        return
+    baselines = [r for r in smoke["report"]["records"] if r["part"] == "baseline"]
+    assert {r["name"] for r in baselines} >= {"vqgan 64 b2 fp32", "diffusion train b16 bf16", "ppo K50 bf16"}
+    assert all(r["status"] == "ok" and r["throughput"] > 0 for r in baselines), baselines
+    vq = rows["VQGAN G+D 64³ b2 fp32"]
+    assert vq["speed_ratio"] == pytest.approx(vq["mrrl_throughput"] / vq["baseline_throughput"])
+
+
+def test_budget_stops_the_check_and_names_what_it_skipped(tmp_path: Path, capsys) -> None:
+    status = gpu_check.main(
+        ["--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "bench", "--budget-s", "0.3"]
+    )
+    assert status == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(report["records"]) <= 1  # at most the one running when the budget ran out
+    assert all(r["status"] in ("stopped", "ok") for r in report["records"])
+    assert len(report["skipped"]) >= 10 and report["wall_s"] < 30
+    assert "SKIPPED bench/" in capsys.readouterr().out
+
+
+def test_non_finite_values_in_stage_outputs_are_found(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    good = {"state_dict": {"w": torch.ones(2)}, "callbacks": {"best_model_score": float("inf")}}
+    torch.save(good, tmp_path / "ckpt" / "last.ckpt")
+    assert gpu_check.non_finite(tmp_path) == []  # a callback's inf bookkeeping is not a weight
+    torch.save({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "ckpt" / "best.ckpt")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss\n0,0.5\n1,nan\n")
+    (tmp_path / "manifest.json").write_text('{"outputs": {"fid": NaN}}')
+    problems = gpu_check.non_finite(tmp_path)
+    assert "ckpt/best.ckpt.w" in problems and "logs/metrics.csv:3:train/loss" in problems
+    assert "manifest.outputs.fid" in problems and len(problems) == 3
+
+
+def test_verdicts_say_by_how_much_a_target_is_missed() -> None:
+    results = gpu_check.Results()
+    results.add(part="bench", name="m", status="ok", throughput=750.0, unit="latents/s", peak_mib=2048.0)
+    results.add(part="baseline", name="b", status="ok", throughput=500.0, unit="latents/s", peak_mib=4096.0)
+    results.add(part="bench", name="v", status="ok", throughput=40.0, unit="volumes/s", peak_mib=100.0)
+    results.add(part="baseline", name="vb", status="ok", throughput=2.0, unit="volumes/s", peak_mib=2000.0)
+    rows = gpu_check.compare(
+        results,
+        [
+            gpu_check.Comparison("train", "m", "b", "≥ 1500 latents/s", min_throughput=1500.0),
+            gpu_check.Comparison("vq", "v", "vb", "≥10× at ≤1/10 memory", 10.0, 0.1),
+            gpu_check.Comparison("absent", "nothing", None, "≥ 1", min_throughput=1.0),
+        ],
+    )
+    assert rows[0]["speed_ratio"] == pytest.approx(1.5) and rows[0]["memory_ratio"] == pytest.approx(0.5)
+    assert rows[0]["verdict"].startswith("MISSED") and "short by 2.0×" in rows[0]["verdict"]
+    assert rows[1]["verdict"] == "met"
+    assert rows[2]["verdict"] == "not measured"
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
