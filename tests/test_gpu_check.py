@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,16 +78,29 @@ def test_smoke_times_every_case_and_writes_the_table(smoke) -> None:
     assert vq["speed_ratio"] == pytest.approx(vq["mrrl_throughput"] / vq["baseline_throughput"])
 
 
-def test_budget_stops_the_check_and_names_what_it_skipped(tmp_path: Path, capsys) -> None:
+def test_a_spent_budget_skips_and_names_every_case(tmp_path: Path, capsys) -> None:
     status = gpu_check.main(
-        ["--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "bench", "--budget-s", "0.3"]
+        ["--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "bench", "--budget-s", "0"]
     )
     assert status == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert len(report["records"]) <= 1  # at most the one running when the budget ran out
-    assert all(r["status"] in ("stopped", "ok") for r in report["records"])
-    assert len(report["skipped"]) >= 10 and report["wall_s"] < 30
-    assert "SKIPPED bench/" in capsys.readouterr().out
+    planned = [name for part, name, _, _ in gpu_check.plan(gpu_check.SMOKE, torch.device("cpu"), None)[0]]
+    assert report["records"] == [] and [s["name"] for s in report["skipped"]] == planned
+    assert "SKIPPED bench/vqgan 64 b2 fp32" in capsys.readouterr().out
+    assert "## Skipped" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_case_running_past_the_budget_is_stopped_and_the_rest_skipped() -> None:
+    results, budget, device = gpu_check.Results(), gpu_check.Budget(0.2), torch.device("cpu")
+
+    def forever() -> dict:
+        while True:
+            time.sleep(0.01)
+
+    record = gpu_check.measured(results, budget, "bench", "endless", 0.0, device, forever)
+    assert record is not None and record["status"] == "stopped" and "budget" in record["error"]
+    assert gpu_check.measured(results, budget, "bench", "next", 0.0, device, lambda: {}) is None
+    assert results.skipped == [{"part": "bench", "name": "next", "why": results.skipped[0]["why"]}]
 
 
 def test_non_finite_values_in_stage_outputs_are_found(tmp_path: Path) -> None:
