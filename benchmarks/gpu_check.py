@@ -631,6 +631,7 @@ class Comparison:
     memory_ratio: float | None = None  # required mrrl/baseline peak-memory ratio (upper bound)
     min_throughput: float | None = None  # absolute, in the row's unit
     max_memory_gib: float | None = None  # absolute
+    larger: str | None = None  # the same mrrl case at a larger batch: tells launch-bound from compute-bound
 
 
 def plan(scale: Scale, device, bench) -> tuple[list[tuple[str, str, float, Callable]], list[Comparison]]:
@@ -800,6 +801,7 @@ def plan(scale: Scale, device, bench) -> tuple[list[tuple[str, str, float, Calla
             "diffusion train b16 bf16",
             "≥ 1500 latents/s",
             min_throughput=1500.0,
+            larger="diffusion train b64 bf16",
         ),
         Comparison(
             "diffusion training b64 (8×16³)",
@@ -828,6 +830,7 @@ def plan(scale: Scale, device, bench) -> tuple[list[tuple[str, str, float, Calla
             f"sampling b{s(16, 2)} bf16",
             "≥ 50 volumes/s",
             min_throughput=50.0,
+            larger=f"sampling b{s(256, 4)} bf16",
         ),
         Comparison(
             f"DDIM 100 steps + decode b{s(256, 4)}",
@@ -880,7 +883,9 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
     )
 
 
-def compare(results: Results, comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+def compare(
+    results: Results, comparisons: Sequence[Comparison], device_gib: float | None = None
+) -> list[dict[str, Any]]:
     """The rows of the ratio table, each with ``verdict`` (met / MISSED by … / not measured)."""
     rows = []
     k10 = results.get("bench", "ppo K10 bf16")
@@ -933,17 +938,33 @@ def compare(results: Results, comparisons: Sequence[Comparison]) -> list[dict[st
             "met" if not misses and c.target != "(no target)" else ("; ".join(misses) if misses else "-")
         )
         if misses:
-            row["verdict"] = "MISSED: " + row["verdict"] + " — " + why_missed(m)
+            larger = results.get("bench", c.larger) if c.larger else None
+            row["verdict"] = "MISSED: " + row["verdict"] + " — " + why_missed(m, larger, device_gib)
         rows.append(row)
     return rows
 
 
-def why_missed(record: dict[str, Any]) -> str:
-    """A first diagnosis: launch-bound (GPU memory small, throughput flat in batch) or memory-bound."""
+def why_missed(record: dict[str, Any], larger: dict[str, Any] | None, device_gib: float | None) -> str:
+    """A first diagnosis of a missed target: memory-bound (peak near the device's memory), launch-bound
+    (throughput still grows with the batch) or compute-bound (it does not); PPO: where the time goes."""
     peak_gib = record.get("peak_mib", 0.0) / GIB
-    if peak_gib > 30:
-        return f"memory-bound (peak {peak_gib:.0f} GiB)"
-    return f"likely launch-bound (peak only {peak_gib:.1f} GiB; compare the larger-batch row)"
+    if device_gib and peak_gib > 0.8 * device_gib:
+        return f"memory-bound (peak {peak_gib:.0f} of {device_gib:.0f} GiB)"
+    why = []
+    if larger is not None and larger.get("status") == "ok" and larger.get("throughput"):
+        gain = larger["throughput"] / record["throughput"]
+        why.append(
+            f"launch-bound: ×{gain:.1f} throughput at the larger batch"
+            if gain >= 1.5
+            else f"compute-bound: the larger batch gains only ×{gain:.2f}"
+        )
+    if "rollout_s" in record and "update_s" in record:
+        why.append(f"rollout {record['rollout_s']:.2f} s + update {record['update_s']:.2f} s per iteration")
+    if not why:
+        why.append(
+            f"not memory-bound (peak {peak_gib:.1f} GiB); no larger-batch case to tell launch from compute"
+        )
+    return "; ".join(why)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -1086,7 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for part, name, estimate, fn in items:
         if part in parts:
             measured(results, budget, part, name, estimate, device, fn)
-    rows = compare(results, comparisons)
+    rows = compare(results, comparisons, env.get("gpu_memory_gib"))
     write_report(out, env, results, rows, budget, e2e_ok)
     print((out / "gpu_check.md").read_text())
     print(

@@ -135,6 +135,13 @@ def test_verdicts_say_by_how_much_a_target_is_missed() -> None:
     assert rows[0]["verdict"].startswith("MISSED") and "short by 2.0×" in rows[0]["verdict"]
     assert rows[1]["verdict"] == "met"
     assert rows[2]["verdict"] == "not measured"
+    # a larger batch of the same case tells launch-bound from compute-bound; a full device: memory-bound
+    results.add(part="bench", name="m64", status="ok", throughput=1200.0, unit="latents/s", peak_mib=4096.0)
+    launch = gpu_check.Comparison("b16", "m", None, "≥ 1500", min_throughput=1500.0, larger="m64")
+    assert "launch-bound: ×1.6 throughput" in gpu_check.compare(results, [launch])[0]["verdict"]
+    assert (
+        "memory-bound (peak 2 of 2 GiB)" in gpu_check.compare(results, [launch], device_gib=2.2)[0]["verdict"]
+    )
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path: Path, capsys) -> None:
