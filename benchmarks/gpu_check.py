@@ -3,7 +3,7 @@
 Made for short GPU windows (issue 19): one command, a few minutes, stops by itself inside ``--budget-s``.
 
 1. **End to end** (``e2e``): a phantom cohort is generated, then check_data, vqgan, diffusion, reward_data,
-   reward, ppo, evaluate and classify run for a few steps each at ``--size`` (64³) through the real entry
+   reward, ppo, evaluate and classify run for a few steps each at 64³ through the real entry
    (``mrrl.cli.run_stage`` on a config composed from ``conf/`` with command-line overrides, what
    ``python -m mrrl stage=...`` runs), with ``trainer=gpu`` and the precision ``conf/trainer/ddp.yaml`` gives
    the users' GPU runs (bf16-mixed). A stage fails loudly on any exception (device mismatch, dtype error),
@@ -433,27 +433,31 @@ def run_e2e(args, scale: Scale, device: torch.device, results: Results, budget: 
     if (out / "runs").exists():  # finished stages would be skipped: every check runs them afresh
         shutil.rmtree(out / "runs")
     print(f"[gpu_check] end to end at {scale.size}³, trainer precision {precision}, runs in {out / 'runs'}")
-    share = args.budget_s * (0.5 if not args.smoke else 0.9)  # the rest is for the benchmarks
+    share = args.budget_s * (
+        0.9 if args.smoke else 0.5
+    )  # no new stage after this: the rest is for benchmarks
     for i, stage in enumerate(STAGES):
-        left_for_e2e = share - budget.elapsed()
+        if budget.elapsed() > share:
+            for later in STAGES[i:]:
+                results.skip("e2e", later, f"the end-to-end share of the budget ({share:.0f} s) is spent")
+            return False
         record = measured(
             results,
             budget,
             "e2e",
             stage,
-            estimate=0.0 if left_for_e2e > 0 else float("inf"),
+            estimate=0.0,
             device=device,
             fn=lambda stage=stage: run_e2e_stage(
                 stage, e2e_overrides(stage, scale, device, precision, out), device
             ),
         )
         if record is None or record["status"] != "ok":
-            why = "an earlier stage did not finish" if record is not None else "no time left for end to end"
             for later in STAGES[i + 1 :]:
-                results.skip("e2e", later, why)
+                results.skip("e2e", later, f"stage {stage} did not finish")
             if record is not None:
                 print(record.get("traceback", ""), file=sys.stderr)
-            return record is not None and record["status"] == "ok"
+            return False
     return True
 
 
