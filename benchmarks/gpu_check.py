@@ -1022,7 +1022,7 @@ def write_report(
         )
     lines += [
         "",
-        "## mrrl / stock MONAI (monai_bench.py), same process, same GPU",
+        "## mrrl / stock MONAI (monai_bench.py), same process, same device",
         "",
         "| case | unit | mrrl | baseline | ratio | mrrl peak GiB | baseline peak GiB | memory ratio | target | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
