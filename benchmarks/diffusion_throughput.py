@@ -62,7 +62,7 @@ PRESETS = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -90,8 +90,12 @@ def parse_args() -> argparse.Namespace:
         help="torch CPU threads (0: leave as is; on a shared CPU 1 avoids OpenMP stalls)",
     )
     parser.add_argument("--skip-sampling", action="store_true", help="time training only")
+    parser.add_argument("--skip-training", action="store_true", help="time sampling only")
+    parser.add_argument(
+        "--skip-on-the-fly", action="store_true", help="time training from cached latents only"
+    )
     add_speed_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -211,11 +215,14 @@ def training_cases(
         return seconds, {**memory.stop(), "method": memory.method}
 
     module.train()
-    return {"cached latents": measured(cached), "VQGAN encode on the fly": measured(on_the_fly)}
+    cases = {"cached latents": measured(cached)}
+    if not args.skip_on_the_fly:
+        cases["VQGAN encode on the fly"] = measured(on_the_fly)
+    return cases
 
 
-def sampling_cases(args, vqgan: VQGAN, module: DiffusionModule, latent_shape, device) -> dict[str, float]:
-    """Seconds per decoded volume: DDIM ``--ddim-steps`` and DDPM ``--ddpm-steps``."""
+def sampling_cases(args, vqgan: VQGAN, module: DiffusionModule, latent_shape, device) -> dict[str, dict]:
+    """Seconds per decoded volume and peak memory: DDIM ``--ddim-steps`` and DDPM ``--ddpm-steps`` (0: skip)."""
     ema = module.ema.eval()
     ddpm_model = DenoiserModel(
         ema.unet, ema.schedule.replace(steps_offset=0, set_alpha_to_one=True), ema.null_label
@@ -245,14 +252,20 @@ def sampling_cases(args, vqgan: VQGAN, module: DiffusionModule, latent_shape, de
         return go
 
     n = args.sample_batch
-    return {
-        f"DDIM {args.ddim_steps} steps": timed(run(ema, args.ddim_steps, "ddim"), device, 1, warmup=1) / n,
-        f"DDPM {args.ddpm_steps} steps": timed(run(ddpm_model, args.ddpm_steps, "ddpm"), device, 1) / n,
-    }
+
+    def measured(fn: Callable[[], object], warmup: int) -> dict:
+        memory = PeakMemory(device).start()
+        seconds = timed(fn, device, 1, warmup=warmup)
+        return {"s_per_volume": seconds / n, "steps": 0, **memory.stop(), "method": memory.method}
+
+    cases = {"ddim": {**measured(run(ema, args.ddim_steps, "ddim"), 1), "steps": args.ddim_steps}}
+    if args.ddpm_steps > 0:
+        cases["ddpm"] = {**measured(run(ddpm_model, args.ddpm_steps, "ddpm"), 0), "steps": args.ddpm_steps}
+    return cases
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Build the networks and run the cases ``args`` asks for: ``{"info", "training", "sampling"}``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = dict(PRESETS[args.preset])
@@ -265,36 +278,59 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     vqgan, module, latent_shape = build(preset, args.image_size, device, speed_config(args))
-    params = sum(p.numel() for p in module.denoiser.parameters()) / 1e6
-    vq_params = sum(p.numel() for p in vqgan.parameters()) / 1e6
+    info = {
+        "device": f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})",
+        "latent_shape": list(latent_shape),
+        "unet_channels": preset["unet_channels"],
+        "unet_params_m": sum(p.numel() for p in module.denoiser.parameters()) / 1e6,
+        "vq_channels": preset["vq_channels"],
+        "vq_params_m": sum(p.numel() for p in vqgan.parameters()) / 1e6,
+    }
+    out: dict = {"info": info, "training": {}, "sampling": {}}
+    if not args.skip_training:
+        with tempfile.TemporaryDirectory() as folder:
+            volume_files = write_volumes(Path(folder), 4 * args.batch, args.image_size)
+            train = training_cases(args, vqgan, module, volume_files, device)
+        out["training"] = {
+            name: {"s_per_step": seconds, **memory} for name, (seconds, memory) in train.items()
+        }
+    if not args.skip_sampling:
+        out["sampling"] = sampling_cases(args, vqgan, module, latent_shape, device)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    result = measure(args)
+    info = result["info"]
     print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"{args.precision}, volumes {args.image_size}³ -> latents {list(latent_shape)}, "
-        f"UNet {preset['unet_channels']} {params:.2f} M params, VQGAN {preset['vq_channels']} {vq_params:.2f} M, "
-        f"torch threads {torch.get_num_threads()}; speed: {speed_label(args)}"
+        f"device {info['device']}, {args.precision}, volumes {args.image_size}³ -> latents {info['latent_shape']}, "
+        f"UNet {info['unet_channels']} {info['unet_params_m']:.2f} M params, VQGAN {info['vq_channels']} "
+        f"{info['vq_params_m']:.2f} M, torch threads {torch.get_num_threads()}; speed: {speed_label(args)}"
     )
-    with tempfile.TemporaryDirectory() as folder:
-        volume_files = write_volumes(Path(folder), 4 * args.batch, args.image_size)
-        train = training_cases(args, vqgan, module, volume_files, device)
-    method = next(iter(train.values()))[1]["method"]
-    print(f"\n(a) training, batch {args.batch}, {args.train_steps} timed steps; memory: {method}")
-    print(f"{'case':<28}{'s/step':>10}{'steps/s':>10}{'peak MiB':>10}{'growth MiB':>12}")
-    for name, (seconds, memory) in train.items():
-        print(
-            f"{name:<28}{seconds:>10.4f}{1 / seconds:>10.2f}{memory['peak_mib']:>10.0f}"
-            f"{memory['growth_mib']:>12.0f}"
-        )
-    ratio = train["VQGAN encode on the fly"][0] / train["cached latents"][0]
-    print(f"cache speed-up: {ratio:.2f}x (goal >= 3x)")
-    if args.skip_sampling:
+    train = result["training"]
+    if train:
+        method = next(iter(train.values()))["method"]
+        print(f"\n(a) training, batch {args.batch}, {args.train_steps} timed steps; memory: {method}")
+        print(f"{'case':<28}{'s/step':>10}{'steps/s':>10}{'peak MiB':>10}{'growth MiB':>12}")
+        for name, case in train.items():
+            print(
+                f"{name:<28}{case['s_per_step']:>10.4f}{1 / case['s_per_step']:>10.2f}{case['peak_mib']:>10.0f}"
+                f"{case['growth_mib']:>12.0f}"
+            )
+        if "VQGAN encode on the fly" in train:
+            ratio = train["VQGAN encode on the fly"]["s_per_step"] / train["cached latents"]["s_per_step"]
+            print(f"cache speed-up: {ratio:.2f}x (goal >= 3x)")
+    sampling = result["sampling"]
+    if not sampling:
         return
-    sampling = sampling_cases(args, vqgan, module, latent_shape, device)
     print(f"\n(b) sampling + decoding, batch {args.sample_batch}")
-    print(f"{'case':<28}{'s/volume':>10}")
-    for name, seconds in sampling.items():
-        print(f"{name:<28}{seconds:>10.4f}")
-    ddim, ddpm = sampling.values()
-    print(f"DDIM speed-up: {ddpm / ddim:.1f}x")
+    print(f"{'case':<28}{'s/volume':>10}{'peak MiB':>10}")
+    for name, case in sampling.items():
+        label = f"{name.upper()} {case['steps']} steps"
+        print(f"{label:<28}{case['s_per_volume']:>10.4f}{case['peak_mib']:>10.0f}")
+    if "ddpm" in sampling:
+        print(f"DDIM speed-up: {sampling['ddpm']['s_per_volume'] / sampling['ddim']['s_per_volume']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -151,19 +151,24 @@ def step_mean_std(
     """Mean and std of the Gaussian reverse step x_t (at t) -> x_prev (at prev_t) for one model output.
 
     ``t`` and ``prev_t`` are scalars or per-sample ``[B]`` (CPU tensors avoid a device sync);
-    coefficients are computed in float64 and cast to ``x_t``'s dtype. Returns ``mean`` (shape of x_t)
-    and ``std`` (``[B, 1, 1, 1, 1]``).
+    coefficients are computed in float64 and cast to the working dtype: ``x_t``'s, but never below
+    float32, with autocast off (a bf16 model output is upcast first), so the policy's mean and the
+    log-probabilities built on it do not depend on the mixed-precision setting. Returns ``mean`` (shape
+    of x_t) and ``std`` (``[B, 1, 1, 1, 1]``), both in the working dtype.
     """
     std = step_std(schedule, t, prev_t, sampler, eta)
     a_t, a_s = _alphas(schedule, t, prev_t)
-    eps, x0 = schedule.eps_x0(model_output, x_t, t)
-    if sampler == "ddim":
-        direction = (1.0 - a_s - std**2).clamp(min=0.0).sqrt()
-        mean = expand_like(a_s.sqrt(), x_t) * x0 + expand_like(direction, x_t) * eps
-    else:
-        x0_coef = a_s.sqrt() * (1.0 - a_t / a_s) / (1.0 - a_t)
-        xt_coef = (a_t / a_s).sqrt() * (1.0 - a_s) / (1.0 - a_t)
-        mean = expand_like(x0_coef, x_t) * x0 + expand_like(xt_coef, x_t) * x_t
+    work = torch.promote_types(x_t.dtype, torch.float32)
+    with torch.autocast(device_type=x_t.device.type, enabled=False):
+        x_t, model_output = x_t.to(work), model_output.to(work)
+        eps, x0 = schedule.eps_x0(model_output, x_t, t)
+        if sampler == "ddim":
+            direction = (1.0 - a_s - std**2).clamp(min=0.0).sqrt()
+            mean = expand_like(a_s.sqrt(), x_t) * x0 + expand_like(direction, x_t) * eps
+        else:
+            x0_coef = a_s.sqrt() * (1.0 - a_t / a_s) / (1.0 - a_t)
+            xt_coef = (a_t / a_s).sqrt() * (1.0 - a_s) / (1.0 - a_t)
+            mean = expand_like(x0_coef, x_t) * x0 + expand_like(xt_coef, x_t) * x_t
     return mean, expand_like(std.expand(x_t.shape[0]), x_t)
 
 
@@ -199,9 +204,10 @@ def gaussian_log_prob(
 def _log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """The one implementation used by the sampler and ``step_log_prob`` alike (bitwise-equal ratios)."""
     work = torch.promote_types(x.dtype, torch.float32)
-    x, mean, std = x.to(work), mean.to(work), std.to(work)
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return _reduce(log_prob, reduce)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, mean, std = x.to(work), mean.to(work), std.to(work)
+        log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+        return _reduce(log_prob, reduce)
 
 
 def gaussian_kl(
@@ -213,8 +219,9 @@ def gaussian_kl(
     """
     _check_std(std)
     work = torch.promote_types(mean_a.dtype, torch.float32)
-    kl = (mean_a.to(work) - mean_b.to(work)) ** 2 / (2 * std.to(work) ** 2)
-    return _reduce(kl, reduce)
+    with torch.autocast(device_type=mean_a.device.type, enabled=False):
+        kl = (mean_a.to(work) - mean_b.to(work)) ** 2 / (2 * std.to(work) ** 2)
+        return _reduce(kl, reduce)
 
 
 def step_log_prob(

@@ -47,17 +47,22 @@ def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor, chunk_size: int) -
     """Index of the nearest code for every row of ``flat`` ``[N, D]``, searching ``chunk_size`` rows at a time.
 
     Uses ``||x||^2 - 2 x.e + ||e||^2``; only a ``chunk_size x K`` block of distances exists at any time.
+    Always float32 (or wider) with autocast off: under bf16 autocast ``addmm`` would round the cross term
+    and pick another code for close calls, which the decoder then reconstructs differently.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    codebook_t = codebook.t()
-    code_sq = codebook.pow(2).sum(1)
+    work = torch.promote_types(torch.promote_types(flat.dtype, codebook.dtype), torch.float32)
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-    for start in range(0, flat.shape[0], chunk_size):
-        rows = flat[start : start + chunk_size]
-        dist_sq = torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0)
-        dist_sq += rows.pow(2).sum(1, keepdim=True)
-        out[start : start + chunk_size] = dist_sq.argmin(1)
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        flat, codebook = flat.to(work), codebook.to(work)
+        codebook_t = codebook.t()
+        code_sq = codebook.pow(2).sum(1)
+        for start in range(0, flat.shape[0], chunk_size):
+            rows = flat[start : start + chunk_size]
+            dist_sq = torch.addmm(code_sq, rows, codebook_t, beta=1.0, alpha=-2.0)
+            dist_sq += rows.pow(2).sum(1, keepdim=True)
+            out[start : start + chunk_size] = dist_sq.argmin(1)
     return out
 
 
