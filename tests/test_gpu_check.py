@@ -198,12 +198,12 @@ def test_the_gpu_plan_parses_and_every_comparison_has_its_cases(monkeypatch) -> 
 
 def test_a_failing_stage_fails_the_check_and_skips_the_stages_after_it(tmp_path: Path, capsys) -> None:
     argv = ["--device", "cpu", "--smoke", "--out", str(tmp_path), "--parts", "e2e", "--precision", "bf17"]
-    assert gpu_check.main(argv) == 1  # check_data needs no trainer; vqgan's Trainer refuses the precision
+    assert gpu_check.main(argv) == 1  # the up-front config check refuses the precision in the first stage
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     e2e = {r["name"]: r for r in report["records"]}
-    assert e2e["check_data"]["status"] == "ok" and e2e["vqgan"]["status"] == "error"
-    assert "bf17" in e2e["vqgan"]["error"] and report["e2e_ok"] is False
-    assert [s["name"] for s in report["skipped"]] == list(gpu_check.STAGES[2:])
-    assert all(s["why"] == "stage vqgan did not finish" for s in report["skipped"])
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "FAILED: an end-to-end stage failed" in err
+    assert e2e["check_data"]["status"] == "error" and report["e2e_ok"] is False
+    assert [s["name"] for s in report["skipped"]] == list(gpu_check.STAGES[1:])
+    assert all(s["why"] == "stage check_data did not finish" for s in report["skipped"])
+    captured = capsys.readouterr()
+    assert "trainer.precision=bf17" in captured.out + captured.err
+    assert "Traceback" in captured.err and "FAILED: an end-to-end stage failed" in captured.err

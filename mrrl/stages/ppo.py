@@ -704,6 +704,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "best_ckpt": str(best.resolve()) if module.fid_probe is not None and best.is_file() else None,
         "probe": {
             **module.best.state_dict(),
+            "best_score": module.best.best_score
+            if math.isfinite(module.best.best_score)
+            else None,  # strict JSON
             "split": str(stage["fid_probe_split"]),
             "extractor": module.fid_probe.extractor.identity if module.fid_probe is not None else None,
         },
