@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,45 @@ def resume_checkpoint(run_dir: Path, last: Path | None) -> Path | None:
     """
     candidates = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def usable_resume_checkpoint(
+    run_dir: Path, last: Path | None, fallbacks: list[Path], set_aside: bool = True
+) -> Path | None:
+    """The newest loadable of ``last.ckpt`` and ``hpc_ckpt_<n>.ckpt``; if one is damaged (truncated by a full
+    disk, a copy cut short), it is renamed ``<name>.corrupt-<time>`` (``set_aside``: rank 0 only) and the
+    next one is tried, then ``fallbacks`` (``best.ckpt``). None: nothing usable, training starts over.
+
+    Only the pickle is read here (tensors memory-mapped), which is where a truncated file fails. A file
+    that would run code when loaded is an error (``UnsafeCheckpointError``), never silently skipped.
+    """
+    from mrrl.checkpoints import DamagedCheckpointError, safe_load
+
+    primary = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
+    if not primary:
+        return None
+    primary.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    damaged: list[str] = []
+    # A fallback is reached only after every resume point proved damaged.
+    for path in [*primary, *(p for p in fallbacks if p.is_file() and p not in primary)]:
+        try:
+            safe_load(path, mmap=True)
+        except DamagedCheckpointError as exc:
+            damaged.append(path.name)
+            if set_aside:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
+                _say(f"{exc} -- set aside as {path.name}.corrupt-{stamp}")
+            continue
+        if damaged and set_aside:
+            _say(f"resuming from {path} instead of the damaged {', '.join(damaged)}")
+        return path
+    if damaged and set_aside:
+        _say(
+            f"no usable checkpoint besides the damaged {', '.join(damaged)}: training starts from scratch "
+            "(stage.force=true starts over without looking at old checkpoints)"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- SLURM
