@@ -70,9 +70,9 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
 def classify_load_error(path: Path, exc: BaseException) -> CheckpointError:
     """The one-line error for a failed weights-only load of ``path``."""
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text.replace(" ", "_").lower():
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f"`{found.group(1)}`" if found else "an object outside mrrl's allow-list"
+    found = re.search(r"GLOBAL ([\w.]+)", text) if isinstance(exc, pickle.UnpicklingError) else None
+    if found:  # the weights-only unpickler met a callable or class it does not allow
+        what = f"`{found.group(1)}`"
         return UnsafeCheckpointError(
             f"refusing to load {path}: its pickle calls {what}, which could run code; mrrl loads only "
             "tensors and plain values (if you trust the file, re-save just its state_dict with torch.save)"
