@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -183,7 +184,7 @@ class ResumeState(Callback):
     """RNG states in every checkpoint (restored at ``on_train_start``) and a resumable training loader."""
 
     def __init__(self, seed: int):
-        self.seed = int(seed)
+        self.seed = int(seed)  # used when seed_everything was not called
         self._pending: dict[str, Any] | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -198,9 +199,14 @@ class ResumeState(Callback):
         original = source.train_dataloader
         if getattr(original, "_mrrl_resumable", False):
             return
+        # The seed of this fit (seed_everything sets PL_GLOBAL_SEED; e.g. classify reseeds per run), and
+        # sharding only where Lightning would shard (PPO sets use_distributed_sampler=false).
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        shard = getattr(trainer._accelerator_connector, "use_distributed_sampler", True)
+        rank, world = (trainer.global_rank, trainer.world_size) if shard else (0, 1)
 
         def train_dataloader() -> Any:
-            return resumable_loader(original(), self.seed, trainer.global_rank, trainer.world_size)
+            return resumable_loader(original(), seed, rank, world)
 
         train_dataloader._mrrl_resumable = True  # type: ignore[attr-defined]
         source.train_dataloader = train_dataloader
