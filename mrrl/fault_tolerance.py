@@ -70,42 +70,52 @@ def resume_checkpoint(run_dir: Path, last: Path | None) -> Path | None:
 
 
 def usable_resume_checkpoint(
-    run_dir: Path, last: Path | None, fallbacks: list[Path], set_aside: bool = True
-) -> Path | None:
-    """The newest loadable of ``last.ckpt`` and ``hpc_ckpt_<n>.ckpt``; if one is damaged (truncated by a full
-    disk, a copy cut short), it is renamed ``<name>.corrupt-<time>`` (``set_aside``: rank 0 only) and the
-    next one is tried, then ``fallbacks`` (``best.ckpt``). None: nothing usable, training starts over.
+    run_dir: Path, last: Path | None, fallbacks: list[Path]
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest loadable of ``last.ckpt`` and ``hpc_ckpt_<n>.ckpt``, else the first loadable of
+    ``fallbacks`` (``best.ckpt``) when a resume point proved damaged (truncated by a full disk, a copy cut
+    short); and the damaged files with their one-line reasons. ``(None, …)``: training starts over.
 
-    Only the pickle is read here (tensors memory-mapped), which is where a truncated file fails. A file
-    that would run code when loaded is an error (``UnsafeCheckpointError``), never silently skipped.
+    A pure function of the files, so every DDP rank makes the same choice (:class:`SetAsideDamaged` renames
+    the damaged files later, once all ranks have chosen). Only the pickle is read here (tensors memory-
+    mapped), which is where a truncated file fails. A file that would run code is an error, never skipped.
     """
-    from mrrl.checkpoints import DamagedCheckpointError, safe_load
+    from mrrl.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
     primary = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
     if not primary:
-        return None
+        return None, []
     primary.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    damaged: list[str] = []
+    damaged: list[tuple[Path, str]] = []
     # A fallback is reached only after every resume point proved damaged.
     for path in [*primary, *(p for p in fallbacks if p.is_file() and p not in primary)]:
         try:
             safe_load(path, mmap=True)
-        except DamagedCheckpointError as exc:
-            damaged.append(path.name)
-            if set_aside:
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
-                _say(f"{exc} -- set aside as {path.name}.corrupt-{stamp}")
+        except UnsafeCheckpointError:
+            raise
+        except (DamagedCheckpointError, FileNotFoundError) as exc:
+            damaged.append((path, str(exc)))
             continue
-        if damaged and set_aside:
-            _say(f"resuming from {path} instead of the damaged {', '.join(damaged)}")
-        return path
-    if damaged and set_aside:
-        _say(
-            f"no usable checkpoint besides the damaged {', '.join(damaged)}: training starts from scratch "
-            "(stage.force=true starts over without looking at old checkpoints)"
-        )
-    return None
+        return path, damaged
+    return None, damaged
+
+
+class SetAsideDamaged(Callback):
+    """Rank 0 renames damaged resume points ``<name>.corrupt-<time>`` when training starts: after every rank
+    has chosen its resume point, before the first new ``last.ckpt`` could take the damaged file's name."""
+
+    def __init__(self, damaged: list[tuple[Path, str]]):
+        self.damaged = damaged
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path, reason in self.damaged:
+            if path.is_file():
+                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
+                _say(f"{reason} -- set aside as {path.name}.corrupt-{stamp}")
+        self.damaged = []
 
 
 # ---------------------------------------------------------------------------------------------- SLURM

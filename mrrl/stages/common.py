@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mrrl.checkpoints import allowed_types, safe_load
 from mrrl.fault_tolerance import (
     AtomicCheckpointIO,
+    SetAsideDamaged,
     graceful_stop_from_config,
     resume_checkpoint,
     usable_resume_checkpoint,
@@ -153,10 +154,19 @@ def fit(
             if old is not None:
                 old.rename(old.with_name(f"{old.stem}-before-force-{stamp}.ckpt"))
         resume = None
-    if resume is not None:  # every rank picks the same file; only rank 0 sets damaged ones aside
-        resume = usable_resume_checkpoint(
-            run_dir, last_checkpoint(run_dir), [checkpoint_dir(run_dir) / "best.ckpt"], trainer.is_global_zero
-        )
+    if resume is not None:
+        best = checkpoint_dir(run_dir) / "best.ckpt"
+        resume, damaged = usable_resume_checkpoint(run_dir, last_checkpoint(run_dir), [best])
+        if damaged:
+            names = ", ".join(path.name for path, _ in damaged)
+            _say(
+                f"damaged checkpoint {names}: resuming from {resume} instead"
+                if resume
+                else f"damaged checkpoint {names} and no other: training starts from scratch "
+                "(stage.force=true starts over without looking at old checkpoints)",
+                trainer,
+            )
+            trainer.callbacks.append(SetAsideDamaged(damaged))
     if resume is not None:
         log.info("resuming from %s", resume)
         print(f"resuming from {resume}")
@@ -216,8 +226,9 @@ def checkpoint_outputs(run_dir: Path, best_cb: ModelCheckpoint | None) -> dict[s
     return out
 
 
-def _say(message: str) -> None:
-    print(f"mrrl: {message}", flush=True)
+def _say(message: str, trainer: L.Trainer | None = None) -> None:
+    if trainer is None or trainer.is_global_zero:
+        print(f"mrrl: {message}", flush=True)
 
 
 def real_class_set(datamodule, split: str, class_name: str):
