@@ -178,3 +178,35 @@ def test_ppo_resumes_exactly(tmp_path: Path) -> None:
 
     diffs = resume_difference(run, PPOModule, stop_at=2, root=tmp_path)  # one PPO iteration per epoch
     assert max(diffs) <= TOLERANCE, diffs
+
+
+def test_resumable_loader_order_position_and_fallback(caplog) -> None:
+    """The order is a function of (seed, epoch); a restored position skips what was served; samplers it
+    cannot reproduce are left alone with a warning."""
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from mrrl.resume import ResumableDataLoader, resumable_loader
+
+    data = list(range(10))
+    loader = resumable_loader(DataLoader(data, batch_size=3, shuffle=True), seed=7, rank=0, world_size=1)
+    assert isinstance(loader, ResumableDataLoader)
+    torch.manual_seed(123)  # the global RNG plays no part
+    epoch0 = [b.tolist() for b in loader]
+    torch.manual_seed(456)
+    assert [b.tolist() for b in loader] == epoch0 and sorted(sum(epoch0, [])) == data
+    loader.sampler.set_epoch(1)
+    epoch1 = [b.tolist() for b in loader]
+    assert epoch1 != epoch0
+    served = iter(loader)
+    next(served), next(served)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 2}
+    again = resumable_loader(DataLoader(data, batch_size=3, shuffle=True), seed=7, rank=0, world_size=1)
+    again.load_state_dict(state)
+    assert [b.tolist() for b in again] == epoch1[2:]  # the rest of epoch 1
+    again.load_state_dict({"epoch": 1, "batches": 4})  # saved at the end of epoch 1: epoch 2 from its start
+    assert again.sampler.epoch == 2 and len([b for b in again]) == 4
+    two_ranks = [resumable_loader(DataLoader(data, batch_size=5), 7, r, 2) for r in (0, 1)]
+    assert sorted(sum((b.tolist() for dl in two_ranks for b in dl), [])) == data  # disjoint shards
+    weighted = DataLoader(data, sampler=WeightedRandomSampler([1.0] * 10, 10), batch_size=2)
+    assert resumable_loader(weighted, 7, 0, 1) is weighted and "cannot resume" in caplog.text
