@@ -196,9 +196,8 @@ class ResumeState(Callback):
             if datamodule is not None and is_overridden("train_dataloader", datamodule)
             else pl_module
         )
-        original = source.train_dataloader
-        if getattr(original, "_mrrl_resumable", False):
-            return
+        # The class's own method, also when an earlier fit of the same datamodule wrapped it already.
+        original = getattr(source.train_dataloader, "_mrrl_original", source.train_dataloader)
         # The seed of this fit (seed_everything sets PL_GLOBAL_SEED; e.g. classify reseeds per run), and
         # sharding only where Lightning would shard (PPO sets use_distributed_sampler=false).
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
@@ -208,7 +207,7 @@ class ResumeState(Callback):
         def train_dataloader() -> Any:
             return resumable_loader(original(), seed, rank, world)
 
-        train_dataloader._mrrl_resumable = True  # type: ignore[attr-defined]
+        train_dataloader._mrrl_original = original  # type: ignore[attr-defined]
         source.train_dataloader = train_dataloader
 
     def state_dict(self) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
             f"reward model weights_path {path} does not exist: put the state dict there "
             "(nothing is downloaded) or set weights_path=null to start from random weights"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path)
     state = state.get("state_dict", state)
     own = net.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
