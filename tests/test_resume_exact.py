@@ -39,8 +39,20 @@ def max_weight_difference(a: dict, b: dict) -> float:
     return max(diffs)
 
 
-def sigterm_at_batch(cls: type, batch: int) -> Callable[[], None]:
-    """Make ``cls`` send itself SIGTERM at the start of its ``batch``-th training batch (1-based) in this run;
+def _sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: the run ends at once, nothing is saved (the periodic last.ckpt stays)."""
+
+
+def _kill() -> None:
+    raise Killed
+
+
+def interrupt_at_batch(cls: type, batch: int, action: Callable[[], None] = _sigterm) -> Callable[[], None]:
+    """Make ``cls`` run ``action`` at the start of its ``batch``-th training batch (1-based) in this run;
     returns the undo."""
     count = {"n": 0}
     previous = cls.__dict__.get("on_train_batch_start")
@@ -48,7 +60,7 @@ def sigterm_at_batch(cls: type, batch: int) -> Callable[[], None]:
     def hook(self, batch_data, batch_idx):
         count["n"] += 1
         if count["n"] == batch:
-            os.kill(os.getpid(), signal.SIGTERM)
+            action()
 
     cls.on_train_batch_start = hook
 
@@ -61,16 +73,19 @@ def sigterm_at_batch(cls: type, batch: int) -> Callable[[], None]:
     return undo
 
 
-def resume_difference(run: Callable[[Path], None], module_cls: type, stop_at: int, root: Path) -> list[float]:
-    """max |Δw| between an uninterrupted run and one stopped at batch ``stop_at`` and rerun, per ``last.ckpt``
-    (``run(run_dir)`` trains; a stage with several models has one ``last.ckpt`` per model folder)."""
+def resume_difference(
+    run: Callable[[Path], None], module_cls: type, stop_at: int, root: Path, kill: bool = False
+) -> list[float]:
+    """max |Δw| between an uninterrupted run and one stopped at batch ``stop_at`` (SIGTERM, or with ``kill``
+    an abrupt end without a save) and rerun, per ``last.ckpt`` (``run(run_dir)`` trains; a stage with several
+    models has one ``last.ckpt`` per model folder)."""
     straight, resumed = root / "straight", root / "resumed"
     seed_everything(0)
     run(straight)
-    undo = sigterm_at_batch(module_cls, stop_at)
+    undo = interrupt_at_batch(module_cls, stop_at, _kill if kill else _sigterm)
     try:
         seed_everything(0)
-        with pytest.raises(SIGTERMException):
+        with pytest.raises(Killed if kill else SIGTERMException):
             run(resumed)
     finally:
         undo()
@@ -110,7 +125,8 @@ def test_vqgan_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
     assert max(diffs) <= TOLERANCE, diffs
 
 
-def test_diffusion_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "killed_after_periodic_save"])
+def test_diffusion_resumes_exactly(data_root: Path, tmp_path: Path, kill: bool) -> None:
     from test_diffusion_stage import TINY_DIFFUSION
 
     from mrrl.stages import diffusion as diffusion_stage
@@ -128,7 +144,7 @@ def test_diffusion_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
                 "logger=none",
                 f"stage.vqgan_ckpt={vqgan}",
                 "stage.sample_every_n_epochs=0",
-                "stage.checkpoint_every_n_steps=null",
+                f"stage.checkpoint_every_n_steps={2 if kill else 'null'}",  # killed: resume from step 4
                 "stage.cfg_dropout=0.3",  # label dropout draws from the noise generator too
                 "stage.trainer.max_epochs=2",
             ],
@@ -136,7 +152,7 @@ def test_diffusion_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
         )
         diffusion_stage.run(cfg, run_dir)
 
-    diffs = resume_difference(run, diffusion_stage.DiffusionModule, stop_at=5, root=tmp_path)
+    diffs = resume_difference(run, diffusion_stage.DiffusionModule, stop_at=5, root=tmp_path, kill=kill)
     assert max(diffs) <= TOLERANCE, diffs
 
 
