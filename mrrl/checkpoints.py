@@ -1,19 +1,21 @@
-"""Loading checkpoints without running code from them: ``safe_load`` and the allow-list it uses.
+"""Loading checkpoints without running code from them: ``safe_load``.
 
 Every checkpoint mrrl reads (its own Lightning checkpoints, ``stage.*_ckpt`` paths, extra models and
-generators, ``ema.pt``, ``latents.pt``) goes through :func:`safe_load`: ``torch.load(weights_only=True)``,
-which unpickles tensors, plain containers and numbers only, plus the few types in :data:`SAFE_GLOBALS`.
-A pickle that would call anything else (``os.system`` …) is refused before anything runs.
-Lightning's own loads (``trainer.fit(ckpt_path=)``, ``load_from_checkpoint``) run inside
-:func:`allowed_types` with ``weights_only=True`` too.
+generators, ``ema.pt``, ``latents.pt``, reward models) goes through :func:`safe_load`:
+``torch.load(weights_only=True)``, which unpickles tensors, plain containers and numbers only; a pickle
+that would call anything else (``os.system`` …) is refused before anything runs. Lightning's own loads
+(``trainer.fit(ckpt_path=)``, ``load_from_checkpoint``) are called with ``weights_only=True`` too.
+
+No allow-list of extra types is needed: mrrl saves hyper-parameters as plain dicts and lists
+(``OmegaConf.to_container``; Lightning stores ``dict(hparams)``), and the resume state (``mrrl/resume.py``)
+as tensors and numbers. Keep it so: an OmegaConf object in ``save_hyperparameters`` would make every
+checkpoint unloadable here (the resume tests load each stage's ``last.ckpt`` with plain ``weights_only``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +23,21 @@ import torch
 
 from mrrl.errors import ManifestError
 
-# Types a Lightning checkpoint of mrrl may hold beyond tensors and plain containers. mrrl saves its
-# hyper-parameters as plain dicts/lists (OmegaConf.to_container), so no omegaconf type is needed; Lightning
-# stores hyper-parameters as its AttributeDict and the loops' progress as plain dicts.
-SAFE_GLOBALS: list[Any] = []
-try:
-    from lightning.fabric.utilities.data import AttributeDict
-
-    SAFE_GLOBALS.append(AttributeDict)
-except ImportError:  # pragma: no cover - Lightning is a dependency
-    pass
-
 
 class CheckpointError(ManifestError):
     """A checkpoint that cannot be used: unsafe (would run code), damaged, or not a checkpoint."""
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle names a type or function outside the allow-list."""
+    """The file's pickle names a type or function that a weights-only load does not allow."""
 
 
 class DamagedCheckpointError(CheckpointError):
     """The file is truncated, empty or not a PyTorch checkpoint."""
 
 
-@contextlib.contextmanager
-def allowed_types() -> Iterator[None]:
-    """The allow-list for ``torch.load(weights_only=True)`` calls made inside (e.g. by Lightning)."""
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        yield
-
-
 def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with mrrl's allow-list and one-line errors naming the file.
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file.
 
     ``mmap``: map the tensors instead of reading them (a cheap check that the file opens and unpickles).
     """
@@ -61,8 +45,7 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     if not path.is_file():
         raise ManifestError(f"checkpoint {path} does not exist")
     try:
-        with allowed_types():
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:
         raise classify_load_error(path, exc) from exc
 

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from mrrl.checkpoints import allowed_types, safe_load
+from mrrl.checkpoints import safe_load
 from mrrl.classify.data import ClassifyDataModule, SyntheticDataset, balanced_class_weights
 from mrrl.classify.metrics import binary_metrics
 from mrrl.classify.model import MONITORS, ClassifierModule, load_weights, predict
@@ -228,8 +228,7 @@ def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: 
     if not trainer.is_global_zero:
         return None
     ckpt = outputs.get("best_ckpt") or outputs["last_ckpt"]
-    with allowed_types():
-        module = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    module = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     preds = predict(module, ctx.test_set, int(ctx.cfg.stage.eval_batch_size), ctx.device)
     targets = [int(y == ctx.positive_index) for y in preds["label"]]
     metrics = binary_metrics(preds["prob"], targets, float(ctx.cfg.stage.threshold))

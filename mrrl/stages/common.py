@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from mrrl.checkpoints import allowed_types, safe_load
+from mrrl.checkpoints import safe_load
 from mrrl.fault_tolerance import (
     AtomicCheckpointIO,
     SetAsideDamaged,
@@ -170,10 +170,7 @@ def fit(
     if resume is not None:
         log.info("resuming from %s", resume)
         print(f"resuming from {resume}")
-    with allowed_types():
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
-        )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     release_process_group()
 
 
