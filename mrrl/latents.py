@@ -30,15 +30,11 @@ def _file_identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return safe_load(path)
-
-
 def load_vqgan(ckpt_path: str | Path, device: str | torch.device = "cpu"):
     """The frozen generator (``mrrl.nets.VQGAN``, eval mode) from a ``stage=vqgan`` Lightning checkpoint."""
     from mrrl.nets import VQGAN
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = safe_load(ckpt_path)
     hparams = ckpt.get("hyper_parameters", {})
     if "net" not in hparams:
         raise ManifestError(f"{ckpt_path} is not a VQGAN checkpoint (no 'net' hyper-parameters)")
