@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,55 @@ def resume_checkpoint(run_dir: Path, last: Path | None) -> Path | None:
     """
     candidates = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def usable_resume_checkpoint(
+    run_dir: Path, last: Path | None, fallbacks: list[Path]
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest loadable of ``last.ckpt`` and ``hpc_ckpt_<n>.ckpt``, else the first loadable of
+    ``fallbacks`` (``best.ckpt``) when a resume point proved damaged (truncated by a full disk, a copy cut
+    short); and the damaged files with their one-line reasons. ``(None, …)``: training starts over.
+
+    A pure function of the files, so every DDP rank makes the same choice (:class:`SetAsideDamaged` renames
+    the damaged files later, once all ranks have chosen). Only the pickle is read here (tensors memory-
+    mapped), which is where a truncated file fails. A file that would run code is an error, never skipped.
+    """
+    from mrrl.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
+
+    primary = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
+    if not primary:
+        return None, []
+    primary.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    damaged: list[tuple[Path, str]] = []
+    # A fallback is reached only after every resume point proved damaged.
+    for path in [*primary, *(p for p in fallbacks if p.is_file() and p not in primary)]:
+        try:
+            safe_load(path, mmap=True)
+        except UnsafeCheckpointError:
+            raise
+        except (DamagedCheckpointError, FileNotFoundError) as exc:
+            damaged.append((path, str(exc)))
+            continue
+        return path, damaged
+    return None, damaged
+
+
+class SetAsideDamaged(Callback):
+    """Rank 0 renames damaged resume points ``<name>.corrupt-<time>`` when training starts: after every rank
+    has chosen its resume point, before the first new ``last.ckpt`` could take the damaged file's name."""
+
+    def __init__(self, damaged: list[tuple[Path, str]]):
+        self.damaged = damaged
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path, reason in self.damaged:
+            if path.is_file():
+                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
+                _say(f"{reason} -- set aside as {path.name}.corrupt-{stamp}")
+        self.damaged = []
 
 
 # ---------------------------------------------------------------------------------------------- SLURM

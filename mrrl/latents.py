@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mrrl.checkpoints import safe_load
 from mrrl.errors import ManifestError
 from mrrl.utils.io import atomic_path
 
@@ -29,18 +30,11 @@ def _file_identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_vqgan(ckpt_path: str | Path, device: str | torch.device = "cpu"):
     """The frozen generator (``mrrl.nets.VQGAN``, eval mode) from a ``stage=vqgan`` Lightning checkpoint."""
     from mrrl.nets import VQGAN
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = safe_load(ckpt_path)
     hparams = ckpt.get("hyper_parameters", {})
     if "net" not in hparams:
         raise ManifestError(f"{ckpt_path} is not a VQGAN checkpoint (no 'net' hyper-parameters)")
@@ -95,7 +89,7 @@ def ensure_latents(
     key = latent_cache_key(ckpt_path, datamodule)
     if out_path.is_file():
         try:
-            cached_key = torch.load(out_path, map_location="cpu", weights_only=False).get("key")
+            cached_key = safe_load(out_path).get("key")
         except Exception:  # a damaged cache is rebuilt, never trusted
             cached_key = None
         if cached_key == key:
@@ -112,4 +106,4 @@ def load_latents(path: str | Path) -> Mapping[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"latent cache {path} does not exist: run `mrrl stage=vqgan` first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from monai.networks.nets import resnet
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
+from mrrl.checkpoints import safe_load
 from mrrl.errors import ConfigError
 
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
@@ -107,7 +108,7 @@ class ClassifierModule(L.LightningModule):
 
 def load_weights(module: ClassifierModule, ckpt: str | Path) -> None:
     """Copy the network weights of a classifier checkpoint (pre-training → fine-tuning)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = safe_load(ckpt)["state_dict"]
     module.load_state_dict({k: v for k, v in state.items() if k.startswith("net.")}, strict=True)
 
 

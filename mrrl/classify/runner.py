@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import Dataset
 
+from mrrl.checkpoints import safe_load
 from mrrl.classify.data import ClassifyDataModule, SyntheticDataset, balanced_class_weights
 from mrrl.classify.metrics import binary_metrics
 from mrrl.classify.model import MONITORS, ClassifierModule, load_weights, predict
@@ -212,7 +213,7 @@ def finetune(ctx: RunContext, seed: int, phase_dir: Path, init: Path | None) -> 
 
 
 def best_epoch(ckpt: str | Path) -> int | None:
-    return torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch")
+    return safe_load(ckpt).get("epoch")
 
 
 def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: dict) -> dict | None:
@@ -227,7 +228,7 @@ def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: 
     if not trainer.is_global_zero:
         return None
     ckpt = outputs.get("best_ckpt") or outputs["last_ckpt"]
-    module = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     preds = predict(module, ctx.test_set, int(ctx.cfg.stage.eval_batch_size), ctx.device)
     targets = [int(y == ctx.positive_index) for y in preds["label"]]
     metrics = binary_metrics(preds["prob"], targets, float(ctx.cfg.stage.threshold))

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mrrl.checkpoints import safe_load
 from mrrl.diffusion.sampling import randn, sample
 from mrrl.diffusion.schedules import DiffusionSchedule
 from mrrl.diffusion.unet import DenoiserModel, build_denoiser
@@ -81,7 +82,7 @@ def load_diffusion(
     path = Path(ckpt_path)
     if not path.is_file():
         raise ManifestError(f"diffusion checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = safe_load(path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt.get("state_dict") or {}
     if "schedule" not in hparams or SCALE_KEY not in state:
@@ -112,7 +113,7 @@ def export_ema(ckpt_path: str | Path, out_path: str | Path) -> Path:
 
     No optimiser state and no raw weights: about a quarter of ``best.ckpt``; ``load_diffusion`` reads it.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = safe_load(ckpt_path)
     state = ckpt["state_dict"]
     kept = {k: v for k, v in state.items() if k.startswith(EMA_PREFIX) or k == SCALE_KEY}
     payload = {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mrrl.checkpoints import safe_load
 from mrrl.errors import ConfigError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
             f"reward model weights_path {path} does not exist: put the state dict there "
             "(nothing is downloaded) or set weights_path=null to start from random weights"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path)
     state = state.get("state_dict", state)
     own = net.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -226,7 +227,7 @@ def load_reward_model(ckpt_path: str | Path, device: str | torch.device = "cpu")
     path = Path(ckpt_path)
     if not path.is_file():
         raise ManifestError(f"reward model checkpoint {path} does not exist: run `mrrl stage=reward` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = safe_load(path)
     hp = ckpt.get("hyper_parameters", {})
     if hp.get("kind") not in KINDS or "net" not in hp:
         raise ManifestError(f"{path} is not a reward model checkpoint (no reward hyper-parameters)")

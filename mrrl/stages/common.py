@@ -17,8 +17,16 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from mrrl.fault_tolerance import AtomicCheckpointIO, graceful_stop_from_config, resume_checkpoint
+from mrrl.checkpoints import safe_load
+from mrrl.fault_tolerance import (
+    AtomicCheckpointIO,
+    SetAsideDamaged,
+    graceful_stop_from_config,
+    resume_checkpoint,
+    usable_resume_checkpoint,
+)
 from mrrl.manifest import is_complete
+from mrrl.resume import ResumeState
 from mrrl.runtime import build_loggers, trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,17 @@ def _strategy(kwargs: dict[str, Any], find_unused_parameters: bool) -> Any:
     return strategy
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """The resume point ``last.ckpt``: every N steps or at every epoch's end (not only after validation,
+    which Lightning's default would do with ``check_val_every_n_epoch > 1``), and once more when training
+    ends between two saves (e.g. ``trainer.max_steps`` in mid-epoch), so a finished fit always has one."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -69,16 +88,17 @@ def build_trainer(
     ckpt_dir = checkpoint_dir(run_dir)
     # The resume point "last.ckpt", overwritten every N steps or else every epoch (save_top_k=0 with
     # save_last=True would write it only when some other checkpoint is written).
-    last_cb = ModelCheckpoint(
+    last_cb = LastCheckpoint(
         dirpath=ckpt_dir,
         filename=LAST_CKPT.removesuffix(".ckpt"),
         monitor=None,
         save_top_k=1,
         every_n_train_steps=every_n or None,
         every_n_epochs=None if every_n else 1,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    all_callbacks: list[Callback] = [*callbacks]
+    all_callbacks: list[Callback] = [ResumeState(int(cfg.seed)), *callbacks]
     best_cb = None
     if monitor:
         best_cb = ModelCheckpoint(
@@ -123,7 +143,9 @@ def fit(
 ) -> None:
     """``trainer.fit``, resuming from ``last.ckpt`` when an earlier run was interrupted (unless ``fresh``).
 
-    Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` files count too when newer (``resume_checkpoint``).
+    Lightning's SLURM ``hpc_ckpt_<n>.ckpt`` files count too when newer (``resume_checkpoint``); a damaged
+    resume point is set aside and the next good one used (``usable_resume_checkpoint``). Loading is
+    weights-only (``mrrl/checkpoints.py``).
     """
     resume = resume_checkpoint(run_dir, last_checkpoint(run_dir))
     if resume is not None and fresh:
@@ -133,9 +155,22 @@ def fit(
                 old.rename(old.with_name(f"{old.stem}-before-force-{stamp}.ckpt"))
         resume = None
     if resume is not None:
+        best = checkpoint_dir(run_dir) / "best.ckpt"
+        resume, damaged = usable_resume_checkpoint(run_dir, last_checkpoint(run_dir), [best])
+        if damaged:
+            names = ", ".join(path.name for path, _ in damaged)
+            _say(
+                f"damaged checkpoint {names}: resuming from {resume} instead"
+                if resume
+                else f"damaged checkpoint {names} and no other: training starts from scratch "
+                "(stage.force=true starts over without looking at old checkpoints)",
+                trainer,
+            )
+            trainer.callbacks.append(SetAsideDamaged(damaged))
+    if resume is not None:
         log.info("resuming from %s", resume)
         print(f"resuming from {resume}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     release_process_group()
 
 
@@ -167,20 +202,30 @@ def checkpoint_outputs(run_dir: Path, best_cb: ModelCheckpoint | None) -> dict[s
     for path in candidates if not best or score is None else []:
         if path is None or not path.is_file():
             continue
-        import torch
 
-        states = torch.load(path, map_location="cpu", weights_only=False).get("callbacks", {})
+        states = safe_load(path).get("callbacks", {})
         found = [
             s for s in states.values() if s.get("monitor") == best_cb.monitor and s.get("best_model_path")
         ]
         if found:
             best, score = found[0]["best_model_path"], found[0].get("best_model_score")
             break
-    best = best or (str(last) if last else "")
+    if not best or not Path(best).is_file():
+        if last is None:
+            return {**out, "best_ckpt": None, "best_score": None, "monitor": best_cb.monitor}
+        _say(
+            f"no {best_cb.monitor} score yet (training ended before its first validation): using {last} as the best checkpoint"
+        )
+        best, score = str(last), None
     out["best_ckpt"] = str(Path(best).resolve()) if best else None
     out["best_score"] = float(score) if score is not None else None
     out["monitor"] = best_cb.monitor
     return out
+
+
+def _say(message: str, trainer: L.Trainer | None = None) -> None:
+    if trainer is None or trainer.is_global_zero:
+        print(f"mrrl: {message}", flush=True)
 
 
 def real_class_set(datamodule, split: str, class_name: str):

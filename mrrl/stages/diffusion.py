@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mrrl.checkpoints import safe_load
 from mrrl.diffusion import SAMPLERS, DenoiserModel, latent_moments, randn, scale_factor_from_moments
 from mrrl.diffusion.generate import (
     denoiser_from_hparams,
@@ -353,16 +354,20 @@ class DiffusionModule(L.LightningModule):
             f"diffusion: latent scale factor {float(self.scale_factor):.6g} (1 / std of the training latents)"
         )
 
-    def on_train_start(self) -> None:
-        # Different noise on every rank (seed_everything gives all ranks one seed) and after every resume.
-        seed = int(self.hparams.seed) * 1_000_003 + self.global_rank * 7919 + self.global_step
-        self._noise_generator = torch.Generator(device=self.device).manual_seed(seed)
+    def _step_generator(self) -> torch.Generator:
+        """Noise, timesteps and label dropout of this step: different on every rank (seed_everything gives
+        all ranks one seed) and a function of (seed, rank, step) only, so a resumed run draws what an
+        uninterrupted one would (``mrrl/resume.py``)."""
+        seed = (int(self.hparams.seed) * 1_000_003 + self.global_step) * 65_537 + self.global_rank
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+        return self._noise_generator.manual_seed(seed)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(
             batch["latent"],
             batch["label"],
-            generator=self._noise_generator,
+            generator=self._step_generator(),
             label_dropout=float(self.hparams.cfg_dropout),
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latent"].shape[0])
@@ -615,7 +620,7 @@ def sampling_config(stage: Mapping[str, Any]) -> dict[str, Any]:
 
 def _global_step(ckpt_path: str) -> int:
     """From the file, not the Trainer: under ``ddp_spawn`` the main process's loops never ran."""
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+    return int(safe_load(ckpt_path)["global_step"])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

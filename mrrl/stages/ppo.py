@@ -31,6 +31,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from mrrl.checkpoints import safe_load
 from mrrl.diffusion import sample, step_log_prob
 from mrrl.diffusion.generate import (
     EMA_PREFIX,
@@ -487,7 +488,7 @@ def save_policy_as_diffusion_checkpoint(
     module: PPOModule, base_ckpt: str | Path, out_path: str | Path
 ) -> Path:
     """The fine-tuned UNet in the diffusion stage's checkpoint format (``load_diffusion`` reads it)."""
-    base = torch.load(base_ckpt, map_location="cpu", weights_only=False)
+    base = safe_load(base_ckpt)
     weights = {k: v.detach().cpu() for k, v in module.policy.unet.state_dict().items()}
     state = {k: v for k, v in base["state_dict"].items() if not k.startswith((EMA_PREFIX, RAW_PREFIX))}
     state.update({EMA_PREFIX + k: v for k, v in weights.items()})
@@ -678,7 +679,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     SpeedOptions.from_config(stage.get("speed"))  # bad speed values fail before anything is loaded
     datamodule = build_datamodule(cfg).prepare()
     diffusion_ckpt = _diffusion_checkpoint(cfg)
-    loaded_hparams = torch.load(diffusion_ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    loaded_hparams = safe_load(diffusion_ckpt)["hyper_parameters"]
     vqgan_ckpt = stage.get("vqgan_ckpt") or loaded_hparams.get("vqgan_ckpt")
     if not vqgan_ckpt:
         vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]

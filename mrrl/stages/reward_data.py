@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from mrrl.checkpoints import safe_load
 from mrrl.diffusion import noised_reconstruction
 from mrrl.diffusion.generate import decode_latents, generate_volumes, load_diffusion
 from mrrl.errors import ConfigError, ManifestError
@@ -92,7 +93,7 @@ def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str]:
         diffusion_ckpt = outputs.get("ema_ckpt") or outputs.get("best_ckpt") or outputs.get("last_ckpt")
     vqgan_ckpt = stage.get("vqgan_ckpt")
     if not vqgan_ckpt:
-        ckpt = torch.load(diffusion_ckpt, map_location="cpu", weights_only=False)
+        ckpt = safe_load(diffusion_ckpt)
         vqgan_ckpt = (ckpt.get("hyper_parameters") or {}).get("vqgan_ckpt")
     if not vqgan_ckpt:
         vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]

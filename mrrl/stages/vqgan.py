@@ -324,7 +324,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 def _validate_best(cfg: DictConfig, ckpt: str, datamodule, run_dir: Path) -> dict[str, float]:
     """Validation metrics of ``ckpt`` on one device (no logger: the numbers go to the manifest)."""
     # No speed options for a few validation batches: compiling would cost more than it saves.
-    module = VQGANModule.load_from_checkpoint(ckpt, map_location="cpu", speed=None)
+    module = VQGANModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, speed=None)
     accelerator = "cpu" if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available() else "gpu"
     trainer = L.Trainer(
         accelerator=accelerator,
