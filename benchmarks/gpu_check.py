@@ -359,6 +359,8 @@ def compose(overrides: Sequence[str]):
 
 def non_finite(stage_dir: Path) -> list[str]:
     """Where the files a stage wrote hold NaN/Inf: checkpoint tensors, metrics.csv cells, manifest numbers."""
+    from mrrl.checkpoints import safe_load
+
     problems: list[str] = []
 
     def walk(obj: Any, where: str) -> None:
@@ -385,7 +387,7 @@ def non_finite(stage_dir: Path) -> list[str]:
         return obj
 
     for path in sorted([*stage_dir.rglob("*.ckpt"), *stage_dir.rglob("*.pt")]):
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        loaded = safe_load(path)
         walk(tensors(loaded), str(path.relative_to(stage_dir)))
     for path in sorted(stage_dir.rglob("metrics.csv")):
         import csv

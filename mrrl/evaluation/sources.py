@@ -116,9 +116,9 @@ class GenerationSettings:
         unset = [k for k in ("sampler", "num_steps", "eta") if getattr(self, k) is None]
         if not unset:
             return self
-        sampling = (
-            torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
-        ).get("sampling") or {}
+        from mrrl.checkpoints import safe_load
+
+        sampling = (safe_load(ckpt, mmap=True).get("hyper_parameters") or {}).get("sampling") or {}
         absent = [k for k in unset if sampling.get(k) is None]
         if absent:
             raise ConfigError(
