@@ -90,6 +90,13 @@ class _Models:
             self._loaded = (loaded, load_vqgan(vqgan_ckpt, self.ctx.device))
         return self._loaded
 
+    @property
+    def quantize(self) -> bool:
+        """Snap to the codebook before decoding as the Table 2 rows do (None: the checkpoint's setting)."""
+        if self.ctx.settings.decode_quantize is not None:
+            return bool(self.ctx.settings.decode_quantize)
+        return bool((self.get()[0].hparams.get("sampling") or {}).get("decode_quantize", True))
+
 
 @torch.no_grad()
 def _ladder_class(models: _Models, real: torch.Tensor, label: int, t: int, cal: CalibrationSettings, ctx):
@@ -114,7 +121,8 @@ def _ladder_class(models: _Models, real: torch.Tensor, label: int, t: int, cal: 
             generator=gen,
             noise=noise,
         )
-        out.append(decode_latents(vqgan, latents, loaded.scale_factor).float().clamp(-1, 1).cpu())
+        volumes = decode_latents(vqgan, latents, loaded.scale_factor, models.quantize)
+        out.append(volumes.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
@@ -135,6 +143,7 @@ def _synthetic_class(models: _Models, label: int, n: int, steps: int, cal: Calib
         eta=cal.eta,
         batch_size=cal.batch_size,
         generator=gen,
+        quantize=models.quantize,
     )
 
 
@@ -145,7 +154,7 @@ def calibration_volumes(
     models = _Models(standard, ctx)
     volumes: dict[str, dict[str, torch.Tensor]] = {}
     info: dict[str, dict[str, Any]] = {}
-    base = {"model": standard.identity(), **cal.key()}
+    base = {"model": standard.identity(), **cal.key(), "quantize": ctx.settings.decode_quantize}
     for t in cal.ladder_steps:
         name = ladder_name(t)
         volumes[name], info[name] = {}, {"kind": "ladder", "t": t, "num_steps": cal.ladder_num_steps}

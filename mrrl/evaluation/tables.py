@@ -297,7 +297,11 @@ def write_calibration_figure(path: str | Path, results: Mapping[str, Any]) -> Pa
                 xs = [x for x, _ in names]
                 est = [scores[n][c] for _, n in names]
                 ys = [e["value"] for e in est]
-                err = [[y - e["low"] for y, e in zip(ys, est)], [e["high"] - y for y, e in zip(ys, est)]]
+                # A percentile interval need not contain the point value (FID's small-n bias): clip at 0.
+                err = [
+                    [max(y - e["low"], 0.0) for y, e in zip(ys, est)],
+                    [max(e["high"] - y, 0.0) for y, e in zip(ys, est)],
+                ]
                 if xs:
                     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=c)
             for key, style in (("vqgan", "--"), ("standard", ":"), ("rl", "-.")):
