@@ -121,3 +121,20 @@ def test_slices_of_a_volume_are_resampled_together():
     assert split_half_floor(real, 3, rows_per_volume=3)["fid"]["A"]["n_half"] == 4
     with pytest.raises(ValueError, match="rows_per_volume"):
         bootstrap_scores({"A": torch.randn(7, 4)}, {"m": {"A": torch.randn(9, 4)}}, 2, rows_per_volume=3)
+
+
+def test_gram_path_equals_the_direct_scores_on_duplicated_rows():
+    """A bootstrap replicate scored from Gram matrices and counts equals FID/KID of the duplicated rows."""
+    import numpy as np
+
+    from mrrl.metrics.intervals import _Grams
+
+    gen = torch.Generator().manual_seed(7)
+    real, fake = torch.randn(20, 16, generator=gen), torch.randn(30, 16, generator=gen) + 0.3
+    grams = _Grams(_Grams.real(real), fake)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ir, jf = rng.integers(0, 20, 20), rng.integers(0, 30, 30)
+        fid, kid_value = grams.scores(ir, jf)
+        assert fid == pytest.approx(fid_from_rows(real[ir], fake[jf]), rel=1e-7)
+        assert kid_value == pytest.approx(kid(real[ir], fake[jf]), rel=1e-7, abs=1e-12)

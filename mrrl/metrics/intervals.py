@@ -81,13 +81,6 @@ def _volumes(rows: Tensor, rows_per_volume: int) -> Tensor:
     return rows.reshape(rows.shape[0] // rows_per_volume, rows_per_volume, rows.shape[1])
 
 
-def _resample(rows: Tensor, rows_per_volume: int, gen: torch.Generator) -> Tensor:
-    """A bootstrap draw of whole volumes (with replacement), back as feature rows."""
-    vols = _volumes(rows, rows_per_volume)
-    picks = torch.randint(len(vols), (len(vols),), generator=gen)
-    return vols[picks].reshape(-1, vols.shape[2])
-
-
 def gap_share(standard: float, rl: float, limit: float) -> float:
     """100·(standard − rl)/(standard − limit); NaN when the standard model is not above the limit."""
     gap = standard - limit
@@ -103,6 +96,83 @@ def verdict(low: float, high: float) -> str:
     if math.isfinite(high) and high < 0:
         return VERDICT_WORSE
     return VERDICT_NONE
+
+
+def _class_rows(counts: Mapping[str, int], rows_per_volume: int) -> dict[str, np.ndarray]:
+    """Per class, its volumes' row indices ``[n_volumes, rows_per_volume]`` in the class-concatenated rows."""
+    out, start = {}, 0
+    for c, n_rows in counts.items():
+        if n_rows % rows_per_volume:
+            raise ValueError(f"{n_rows} feature rows are not a multiple of rows_per_volume={rows_per_volume}")
+        n = n_rows // rows_per_volume
+        out[c] = start + np.arange(n_rows).reshape(n, rows_per_volume)
+        start += n_rows
+    return out
+
+
+def _pick(rows: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A bootstrap draw of whole volumes per class (with replacement)."""
+    return {c: rng.integers(0, len(r), len(r)) for c, r in rows.items()}
+
+
+def _rows(rows: Mapping[str, np.ndarray], col: str, pick: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The row indices of one column (a class, or ``All``: every class) for a draw (None: every volume)."""
+    classes = list(rows) if col == ALL else [col]
+    return np.concatenate([(rows[c] if pick is None else rows[c][pick[c]]).ravel() for c in classes])
+
+
+class _Grams:
+    """FID and KID of any multiset of real × generated rows from Gram matrices computed once.
+
+    A bootstrap replicate is a multiset (rows drawn with replacement), so it is described by its distinct
+    rows and their counts; every quantity FID and KID need (means, traces, the cross term, the cubic
+    kernel sums) is a weighted sum over the Gram matrices of the distinct rows. That avoids re-multiplying
+    [n, d] features for each of thousands of replicates; results equal ``fid_from_rows`` / ``kid`` on the
+    explicitly duplicated rows.
+    """
+
+    def __init__(self, real: tuple[Tensor, Tensor, Tensor], fake_rows: Tensor):
+        x, self.g_rr, self.k_rr = real
+        y = _f64(fake_rows)
+        d = y.shape[1]
+        self.g_ff, self.g_rf = y @ y.T, x @ y.T
+        self.k_ff, self.k_rf = (self.g_ff / d + 1.0) ** 3, (self.g_rf / d + 1.0) ** 3
+
+    @staticmethod
+    def real(real_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows, Gram, cubic kernel)`` of the real rows, shared by every model."""
+        x = _f64(real_rows)
+        g = x @ x.T
+        return x, g, (g / x.shape[1] + 1.0) ** 3
+
+    def scores(self, real_idx: np.ndarray, fake_idx: np.ndarray) -> tuple[float, float]:
+        ur, wr = np.unique(real_idx, return_counts=True)
+        uf, wf = np.unique(fake_idx, return_counts=True)
+        n, m = float(wr.sum()), float(wf.sum())
+        if n < 2 or m < 2:
+            raise ValueError(f"FID/KID need at least 2 rows on each side, got {int(n)} and {int(m)}")
+        ur_t, uf_t = torch.from_numpy(ur), torch.from_numpy(uf)
+        wr_t, wf_t = torch.from_numpy(wr).double(), torch.from_numpy(wf).double()
+        g_rr = self.g_rr[ur_t][:, ur_t]
+        g_ff = self.g_ff[uf_t][:, uf_t]
+        g_rf = self.g_rf[ur_t][:, uf_t]
+        mean_xx = float(wr_t @ g_rr @ wr_t) / n**2
+        mean_yy = float(wf_t @ g_ff @ wf_t) / m**2
+        mean_xy = float(wr_t @ g_rf @ wf_t) / (n * m)
+        trace_x = (float(wr_t @ g_rr.diagonal()) - n * mean_xx) / (n - 1)
+        trace_y = (float(wf_t @ g_ff.diagonal()) - m * mean_yy) / (m - 1)
+        # Rows √w_i (x_i − μx) and √v_j (y_j − μy): their cross products, double-centred from g_rf.
+        centred = g_rf - (g_rf @ wf_t)[:, None] / m - (wr_t @ g_rf)[None, :] / n + mean_xy
+        centred = centred * wr_t.sqrt()[:, None] * wf_t.sqrt()[None, :]
+        small = centred @ centred.T if centred.shape[0] <= centred.shape[1] else centred.T @ centred
+        cross = float(torch.linalg.eigvalsh(small).clamp_min(0).sqrt().sum()) / math.sqrt((n - 1) * (m - 1))
+        fid = max(mean_xx + mean_yy - 2 * mean_xy + trace_x + trace_y - 2 * cross, 0.0)
+        k_rr = self.k_rr[ur_t][:, ur_t]
+        k_ff = self.k_ff[uf_t][:, uf_t]
+        xx = (float(wr_t @ k_rr @ wr_t) - float(wr_t @ k_rr.diagonal())) / (n * (n - 1))
+        yy = (float(wf_t @ k_ff @ wf_t) - float(wf_t @ k_ff.diagonal())) / (m * (m - 1))
+        xy = float(wr_t @ self.k_rf[ur_t][:, uf_t] @ wf_t) / (n * m)
+        return fid, xx + yy - 2 * xy
 
 
 def bootstrap_scores(
@@ -126,22 +196,30 @@ def bootstrap_scores(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     classes = list(real)
-    real_all = _with_all(real)
-    fake_all = {m: _with_all(per_class) for m, per_class in fake.items()}
     cols = [*classes, ALL]
-    point = {
-        metric: {m: {c: fn(real_all[c], fake_all[m][c]) for c in cols} for m in fake}
-        for metric, fn in SCORERS.items()
+    real_all = _with_all(real)[ALL]
+    real_rows = _class_rows({c: len(real[c]) for c in classes}, rows_per_volume)
+    real_gram = _Grams.real(real_all)
+    grams = {m: _Grams(real_gram, _with_all(per_class)[ALL]) for m, per_class in fake.items()}
+    fake_rows = {
+        m: _class_rows({c: len(v) for c, v in per_class.items()}, rows_per_volume)
+        for m, per_class in fake.items()
     }
+    point = {metric: {m: {} for m in fake} for metric in METRICS}
+    for m, g in grams.items():
+        for c in cols:
+            fid, kid_value = g.scores(_rows(real_rows, c, None), _rows(fake_rows[m], c, None))
+            point["fid"][m][c], point["kid"][m][c] = fid, kid_value
     draws = {metric: {m: {c: [] for c in cols} for m in fake} for metric in METRICS}
-    gen = torch.Generator().manual_seed(int(seed))
+    rng = np.random.default_rng(int(seed))
     for _ in range(int(n_boot)):
-        real_b = _with_all({c: _resample(real[c], rows_per_volume, gen) for c in classes})
-        for m, per_class in fake.items():
-            fake_b = _with_all({c: _resample(v, rows_per_volume, gen) for c, v in per_class.items()})
-            for metric, fn in SCORERS.items():
-                for c in cols:
-                    draws[metric][m][c].append(fn(real_b[c], fake_b[c]))
+        real_pick = _pick(real_rows, rng)
+        for m, g in grams.items():
+            fake_pick = _pick(fake_rows[m], rng)
+            for c in cols:
+                fid, kid_value = g.scores(_rows(real_rows, c, real_pick), _rows(fake_rows[m], c, fake_pick))
+                draws["fid"][m][c].append(fid)
+                draws["kid"][m][c].append(kid_value)
     out: dict[str, Any] = {
         "n_boot": int(n_boot),
         "level": float(level),
