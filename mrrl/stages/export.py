@@ -116,8 +116,9 @@ class Models:
     """The denoiser and decoder an export samples with, and how it decodes."""
 
     def __init__(self, cfg: DictConfig, ckpt: str, class_names: list[str], device: torch.device):
+        from mrrl.checkpoints import safe_load
         from mrrl.diffusion.generate import load_diffusion
-        from mrrl.latents import load_checkpoint, load_vqgan
+        from mrrl.latents import load_vqgan
 
         stage = cfg.stage
         self.loaded = load_diffusion(ckpt, use_ema=bool(stage.use_ema), device=device)
@@ -134,7 +135,7 @@ class Models:
             raise ConfigError(f"stage.vqgan_ckpt: {vqgan} does not exist")
         self.vqgan_ckpt = str(vqgan)
         self.vqgan = load_vqgan(self.vqgan_ckpt, device)
-        self.vqgan_hparams = _plain(dict(load_checkpoint(self.vqgan_ckpt).get("hyper_parameters", {})))
+        self.vqgan_hparams = _plain(dict(safe_load(self.vqgan_ckpt).get("hyper_parameters", {})))
         quantize = stage.decode_quantize
         if quantize is None:
             quantize = (self.loaded.hparams.get("sampling") or {}).get("decode_quantize", True)
