@@ -298,3 +298,11 @@ def test_summary_counts(brats_root: Path, tmp_path: Path) -> None:
     assert summary["counts"]["total"] == {"HGG": 4, "LGG": 4, "All": 8}
     assert summary["counts"]["test"]["All"] == 2 and summary["image_shape"] == [1, 16, 16, 16]
     assert len(summary["counts"]) == 4
+
+
+def test_cohorts_with_the_same_subject_ids_get_their_own_cache(tmp_path: Path) -> None:
+    """Two roots (e.g. phantom cohorts of another class_separation) never share preprocessed entries."""
+    a = datamodule(tmp_path / "a", tmp_path)
+    b = datamodule(tmp_path / "b", tmp_path)
+    assert a.cache.dir != b.cache.dir and a.cache.dir.parent == b.cache.dir.parent
+    assert datamodule(tmp_path / "a", tmp_path).cache.dir == a.cache.dir

@@ -154,7 +154,7 @@ class MRIDataModule(L.LightningDataModule):
             intensity_range=tuple(float(v) for v in intensity_range),  # type: ignore[arg-type]
             percentiles=tuple(float(v) for v in percentiles),  # type: ignore[arg-type]
         )
-        self.cache = VolumeCache(cache_dir, name, self.preprocess_cfg)
+        self.cache = VolumeCache(cache_dir, name, self.preprocess_cfg, source_root=self.root)
         self.split_path = Path(split_path) if split_path else Path(cache_dir) / f"{name}-splits.json"
         self.test_per_class = int(test_per_class)
         self.val_fraction = float(val_fraction)

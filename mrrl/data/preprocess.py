@@ -176,9 +176,22 @@ class VolumeCache:
     or wrong-shape file is rebuilt from its source files and the rebuild is logged; ``rebuilt`` lists them.
     """
 
-    def __init__(self, cache_root: str | Path, dataset: str, cfg: PreprocessConfig):
+    def __init__(
+        self,
+        cache_root: str | Path,
+        dataset: str,
+        cfg: PreprocessConfig,
+        source_root: str | Path | None = None,
+    ):
         self.cfg = cfg
-        self.dir = Path(cache_root) / f"{dataset}-{cfg.fingerprint()}"
+        # The source folder is part of the name: two cohorts with the same subject ids (e.g. phantoms with
+        # another class_separation) must not share entries, least of all when prepared at the same time.
+        where = (
+            ""
+            if source_root is None
+            else "-" + hashlib.sha1(str(Path(source_root).resolve()).encode()).hexdigest()[:8]
+        )
+        self.dir = Path(cache_root) / f"{dataset}-{cfg.fingerprint()}{where}"
         self.rebuilt: list[tuple[Path, str]] = []
         self._verified: set[str] = set()
 
