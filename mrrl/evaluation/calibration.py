@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mrrl.errors import ConfigError
 from mrrl.evaluation.sources import ModelSpec, VolumeContext, cached_volumes, safe_name
@@ -218,28 +218,15 @@ def premise_checks(
     """The paper's three premises on the headline extractor, each with its numbers and a pass/fail mark."""
     scores = results_for_headline["scores"]["fid"]
     checks = []
-    ladder = sorted((i["t"], n) for n, i in info.items() if i["kind"] == "ladder")
-    if ladder:
-        seq = [scores[n][col] for _, n in ladder]
-        checks.append(
-            {
-                "premise": "reconstruction FID rises with t",
-                "x": [t for t, _ in ladder],
-                "fid": seq,
-                **trend(seq, rising=True),
-            }
-        )
-    synthetic = sorted((i["steps"], n) for n, i in info.items() if i["kind"] == "synthetic")
-    if synthetic:
-        seq = [scores[n][col] for _, n in synthetic]
-        checks.append(
-            {
-                "premise": "synthetic FID falls with sampler steps",
-                "x": [s for s, _ in synthetic],
-                "fid": seq,
-                **trend(seq, rising=False),
-            }
-        )
+    trends = (
+        ("ladder", "t", "reconstruction FID rises with t", True),
+        ("synthetic", "steps", "synthetic FID falls with sampler steps", False),
+    )
+    for kind, xkey, premise, rising in trends:
+        points = sorted((i[xkey], n) for n, i in info.items() if i["kind"] == kind)
+        if points:
+            seq = [scores[n][col] for _, n in points]
+            checks.append({"premise": premise, "x": [x for x, _ in points], "fid": seq, **trend(seq, rising)})
     gap = (results_for_headline.get("gap") or {}).get("fid", {}).get(col)
     if gap is not None:
         ceiling = floor["fid"][col]["high"]
@@ -252,9 +239,3 @@ def premise_checks(
             }
         )
     return checks
-
-
-def config_dict(stage: DictConfig) -> dict[str, Any]:
-    out = OmegaConf.to_container(stage.calibration, resolve=True)
-    assert isinstance(out, dict)
-    return out
