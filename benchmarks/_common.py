@@ -23,7 +23,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +211,50 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
     )
     for row in cells:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+STEP_COLUMNS = (
+    ("case", "case", "s"),
+    ("s_per_step", "s/step", ".4f"),
+    ("volumes_per_s", "volumes/s", ".2f"),
+    ("peak_mib", "peak MiB", ".0f"),
+    ("growth_mib", "growth MiB", ".0f"),
+)
+
+
+def step_result(case: str, seconds: float, batch: int, module, size: int, device, memory) -> dict[str, Any]:
+    """The row a training-step benchmark case returns: time per step, volumes/s, parameters and memory."""
+    return {
+        "case": case,
+        "s_per_step": seconds,
+        "volumes_per_s": batch / seconds,
+        "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
+        "size": size,
+        "batch": batch,
+        "device": device_name(device),
+        **memory.stop(),
+        "memory_method": memory.method,
+    }
+
+
+def run_benchmark(
+    script: str,
+    args: argparse.Namespace,
+    run_case: Callable[[argparse.Namespace], dict[str, Any]],
+    cases: Sequence[str],
+    header: Callable[[dict[str, Any]], str],
+    columns: Sequence[tuple[str, str, str]] = STEP_COLUMNS,
+    decorate: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """A benchmark script's ``main``: one case in this process (``--case``), or every case in a fresh child
+    process each, then ``header(first row)`` and the table."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:
+        emit(run_case(args))
+        return
+    rows = [run_case_in_child(script, sys.argv[1:], case) for case in cases]
+    for row in rows if decorate else []:
+        decorate(row)
+    print(header(rows[0]))
+    print_table(rows, columns)

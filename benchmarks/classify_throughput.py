@@ -15,18 +15,15 @@ Not a test. Examples::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from _common import (
     PeakMemory,
     StepTimer,
-    device_name,
-    emit,
     lightning_trainer,
-    print_table,
-    run_case_in_child,
+    run_benchmark,
+    step_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,42 +87,23 @@ def run_case(args: argparse.Namespace) -> dict:
     trainer.fit(module, train_dataloaders=loader)
     seconds = timer.mean(skip=args.warmup)
     return {
-        "case": args.case,
         "arch": module.hparams.arch,
-        "s_per_step": seconds,
-        "volumes_per_s": batch / seconds,
-        "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
-        "size": size,
-        "batch": batch,
-        "device": device_name(device),
-        **memory.stop(),
-        "memory_method": memory.method,
+        **step_result(args.case, seconds, batch, module, size, device, memory),
     }
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.case:
-        emit(run_case(args))
-        return
-    rows = [run_case_in_child(__file__, sys.argv[1:], case) for case in CASES]
-    first = rows[0]
-    print(
-        f"Classifier {args.preset}: {first['arch']} {first['params_m']:.2f} M parameters, {first['size']}³ "
-        f"volumes, batch {first['batch']}, {args.precision}, {first['device']}; {args.steps} timed steps after "
-        f"{args.warmup}; memory: {first['memory_method']}"
-    )
-    print_table(
-        rows,
-        [
-            ("case", "case", "s"),
-            ("s_per_step", "s/step", ".4f"),
-            ("volumes_per_s", "volumes/s", ".2f"),
-            ("peak_mib", "peak MiB", ".0f"),
-            ("growth_mib", "growth MiB", ".0f"),
-        ],
+    run_benchmark(
+        __file__,
+        args,
+        run_case,
+        CASES,
+        lambda first: (
+            f"Classifier {args.preset}: {first['arch']} {first['params_m']:.2f} M parameters, {first['size']}³ "
+            f"volumes, batch {first['batch']}, {args.precision}, {first['device']}; {args.steps} timed steps after "
+            f"{args.warmup}; memory: {first['memory_method']}"
+        ),
     )
 
 

@@ -19,19 +19,17 @@ Not a test. Examples::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from _common import (
+    STEP_COLUMNS,
     PeakMemory,
     StepTimer,
     device_name,
-    emit,
     lightning_trainer,
-    print_table,
-    run_case_in_child,
+    run_benchmark,
     sync,
 )
 
@@ -158,29 +156,17 @@ def run_case(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.case:
-        emit(run_case(args))
-        return
-    rows = [run_case_in_child(__file__, sys.argv[1:], case) for case in CASES]
-    for row in rows:
-        row["what"] = f"{row['case']} ({row['model']})"
-    first = rows[0]
-    print(
-        f"Reward models {args.preset}: {first['size']}³ volumes, training {args.precision}, {first['device']}; "
-        f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
-    )
-    print_table(
-        rows,
-        [
-            ("what", "case", "s"),
-            ("volumes", "volumes/step", "d"),
-            ("s_per_step", "s/step", ".4f"),
-            ("volumes_per_s", "volumes/s", ".2f"),
-            ("peak_mib", "peak MiB", ".0f"),
-            ("growth_mib", "growth MiB", ".0f"),
-        ],
+    run_benchmark(
+        __file__,
+        args,
+        run_case,
+        CASES,
+        lambda first: (
+            f"Reward models {args.preset}: {first['size']}³ volumes, training {args.precision}, {first['device']}; "
+            f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
+        ),
+        columns=[("what", "case", "s"), ("volumes", "volumes/step", "d"), *STEP_COLUMNS[1:]],
+        decorate=lambda row: row.update(what=f"{row['case']} ({row['model']})"),
     )
 
 

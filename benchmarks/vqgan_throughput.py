@@ -25,7 +25,6 @@ both discriminators; the untimed warm-up steps absorb the compilation). Run once
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -33,13 +32,11 @@ from _common import (
     PeakMemory,
     StepTimer,
     add_speed_arguments,
-    device_name,
-    emit,
     lightning_trainer,
-    print_table,
-    run_case_in_child,
+    run_benchmark,
     speed_config,
     speed_label,
+    step_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,43 +116,22 @@ def run_case(args: argparse.Namespace) -> dict:
     memory = PeakMemory(device).start()
     trainer.fit(module, train_dataloaders=loader)
     seconds = timer.mean(skip=args.warmup)
-    return {
-        "case": args.case,
-        "s_per_step": seconds,
-        "volumes_per_s": batch / seconds,
-        "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
-        "size": size,
-        "batch": batch,
-        "device": device_name(device),
-        **memory.stop(),
-        "memory_method": memory.method,
-    }
+    return step_result(args.case, seconds, batch, module, size, device, memory)
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.case:
-        emit(run_case(args))
-        return
-    rows = [run_case_in_child(__file__, sys.argv[1:], case) for case in CASES]
-    first = rows[0]
-    print(
-        f"VQGAN {args.preset} [{speed_label(args)}]: {first['size']}³ volumes, batch {first['batch']}, "
-        f"{args.precision}, "
-        f"{first['params_m']:.2f} M parameters (generator + discriminators), {first['device']}; "
-        f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
-    )
-    print_table(
-        rows,
-        [
-            ("case", "case", "s"),
-            ("s_per_step", "s/step", ".4f"),
-            ("volumes_per_s", "volumes/s", ".2f"),
-            ("peak_mib", "peak MiB", ".0f"),
-            ("growth_mib", "growth MiB", ".0f"),
-        ],
+    run_benchmark(
+        __file__,
+        args,
+        run_case,
+        CASES,
+        lambda first: (
+            f"VQGAN {args.preset} [{speed_label(args)}]: {first['size']}³ volumes, batch {first['batch']}, "
+            f"{args.precision}, "
+            f"{first['params_m']:.2f} M parameters (generator + discriminators), {first['device']}; "
+            f"{args.steps} timed steps after {args.warmup}; memory: {first['memory_method']}"
+        ),
     )
 
 
