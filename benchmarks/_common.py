@@ -35,7 +35,7 @@ JSON_PREFIX = "BENCHMARK_RESULT "
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """``--channels-last``, ``--grad-ckpt``, ``--compile [BACKEND]``, ``--compile-mode``: the ``stage.speed``
-    options (``mrrl/nets/speed.py``), applied through the stage's own module."""
+    options (``mrrl/training/speed.py``), applied through the stage's own module."""
     group = parser.add_argument_group("speed options (stage.speed)")
     group.add_argument(
         "--channels-last",

@@ -9,7 +9,7 @@
     steps at the sampling batch size. DDPM over all 1000 training timesteps needs ``steps_offset=0``
     (the stage default, 1, allows at most 999 steps), so that run uses the same weights with that schedule.
 
-Speed flags (``stage.speed`` of the diffusion stage, see ``mrrl/nets/speed.py``), applied through
+Speed flags (``stage.speed`` of the diffusion stage, see ``mrrl/training/speed.py``), applied through
 ``DiffusionModule``: ``--channels-last`` (UNet and EMA copy), ``--grad-ckpt`` (the UNet's down/mid/up blocks),
 ``--compile [BACKEND]`` (the trained UNet; the untimed warm-up steps absorb the compilation, and the sampling
 cases use the uncompiled EMA copy). Each training case also reports its peak memory (see ``_common.py``);
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from _common import PeakMemory, add_speed_arguments, speed_config, speed_label
 
-from mrrl.diffusion import DenoiserModel
 from mrrl.diffusion.generate import generate_volumes
-from mrrl.nets import VQGAN
-from mrrl.stages.diffusion import DiffusionModule
+from mrrl.diffusion.module import DiffusionModule
+from mrrl.diffusion.unet import DenoiserModel
+from mrrl.vqgan.networks import VQGAN
 
 PRESETS = {
     # The paper-scale networks: 64³ volumes, ×4 VQGAN (8 × 16³ latents), the 41 M-parameter DESIGN UNet.

@@ -66,8 +66,8 @@ def _randomise_zero_params(module: torch.nn.Module) -> None:
 
 
 def checkpoints(folder: Path, preset: dict, size: int) -> dict[str, str]:
-    from mrrl.stages.diffusion import DiffusionModule
-    from mrrl.stages.vqgan import VQGANModule
+    from mrrl.diffusion.module import DiffusionModule
+    from mrrl.vqgan.module import VQGANModule
 
     torch.manual_seed(0)
     vq = VQGANModule(
@@ -114,8 +114,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mrrl.export.cohort import Case, write_case
-    from mrrl.runtime import build_datamodule
     from mrrl.stages import export as export_stage
+    from mrrl.training.runtime import build_datamodule
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

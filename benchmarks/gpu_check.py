@@ -359,7 +359,7 @@ def compose(overrides: Sequence[str]):
 
 def non_finite(stage_dir: Path) -> list[str]:
     """Where the files a stage wrote hold NaN/Inf: checkpoint tensors, metrics.csv cells, manifest numbers."""
-    from mrrl.checkpoints import safe_load
+    from mrrl.utils.checkpoints import safe_load
 
     problems: list[str] = []
 
@@ -406,7 +406,7 @@ def non_finite(stage_dir: Path) -> list[str]:
 def run_e2e_stage(stage: str, overrides: Sequence[str], device: torch.device) -> dict[str, Any]:
     """One stage through ``mrrl.cli.run_stage`` (what ``python -m mrrl`` runs); raises on any failure."""
     from mrrl.cli import run_stage
-    from mrrl.runtime import run_dir_from_hydra
+    from mrrl.training.runtime import run_dir_from_hydra
 
     cfg = compose(overrides)
     memory = PeakMemory(device).start()

@@ -12,7 +12,7 @@ its growth over the start of the measured section, and the peak-memory ratio bet
 smallest K (goal ≤ 1.3: the update keeps one timestep's graph alive, the rollout buffer lives on the CPU —
 on a GPU the buffer is host memory and does not count; on the CPU it is part of the RSS).
 
-Speed flags (``stage.speed`` of the PPO stage, see ``mrrl/nets/speed.py``), applied through ``PPOModule``:
+Speed flags (``stage.speed`` of the PPO stage, see ``mrrl/training/speed.py``), applied through ``PPOModule``:
 ``--channels-last`` (policy and reference UNets), ``--grad-ckpt`` (the policy UNet's blocks in the update,
 where one timestep's graph is alive at a time), ``--compile [BACKEND]`` (policy and reference UNets; the
 untimed warm-up iteration absorbs the compilation). Run once per setting and compare.
@@ -116,8 +116,8 @@ def _nonzero_outputs(module: torch.nn.Module) -> None:
 
 def build_checkpoints(preset: dict, size: int, folder: Path) -> tuple[str, str]:
     """Random-weight VQGAN and diffusion checkpoints in the stages' formats."""
-    from mrrl.stages.diffusion import DiffusionModule
-    from mrrl.stages.vqgan import VQGANModule
+    from mrrl.diffusion.module import DiffusionModule
+    from mrrl.vqgan.module import VQGANModule
 
     vq = VQGANModule(
         image_shape=(1, size, size, size),
@@ -177,8 +177,9 @@ def ppo_config(args, preset: dict, k: int) -> dict:
 
 
 def run_case(args: argparse.Namespace) -> dict:
+    from mrrl.ppo.module import PPOModule
+    from mrrl.ppo.multiscale_reward import MultiScaleReward
     from mrrl.reward.models import build_reward_net
-    from mrrl.stages.ppo import MultiScaleReward, PPOModule
 
     preset = PRESETS[args.preset]
     size = args.image_size or preset["image_size"]

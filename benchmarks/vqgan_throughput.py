@@ -17,7 +17,7 @@ Not a test. Examples::
     python benchmarks/vqgan_throughput.py --preset paper --device cuda --image-size 128 --precision bf16-mixed
     python benchmarks/vqgan_throughput.py --preset paper --device cuda --image-size 128 --grad-ckpt --channels-last
 
-Speed flags (``stage.speed``, see ``mrrl/nets/speed.py``): ``--channels-last`` (generator and 3D discriminator),
+Speed flags (``stage.speed``, see ``mrrl/training/speed.py``): ``--channels-last`` (generator and 3D discriminator),
 ``--grad-ckpt`` (the generator's encoder/decoder blocks), ``--compile [BACKEND]`` (encoder/decoder blocks and
 both discriminators; the untimed warm-up steps absorb the compilation). Run once per setting and compare.
 """
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_module(preset: dict, image_size: int, adversarial: bool, speed: dict | None = None):
     from omegaconf import OmegaConf
 
-    from mrrl.stages.vqgan import VQGANModule
+    from mrrl.vqgan.module import VQGANModule
 
     stage = OmegaConf.load(REPO / "conf" / "stage" / "vqgan.yaml")
     stage = OmegaConf.merge(stage, {"net": preset["net"], "discriminator": preset["discriminator"]})

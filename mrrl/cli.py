@@ -32,13 +32,13 @@ def run_stage(cfg: DictConfig):
     """Seed, pick the run directory, run the stage; user errors become one message and exit status 1.
 
     Returns the stage's outputs, or with ``objective=<dotted key>`` that one metric as a float, which is what
-    Hydra's Optuna sweeper optimises (``mrrl/objective.py``).
+    Hydra's Optuna sweeper optimises (``mrrl/sweep_objective.py``).
     """
     from mrrl.config_checks import exit_on_bad_config
-    from mrrl.distributed import begin_stage
     from mrrl.errors import MrrlError
-    from mrrl.runtime import run_dir_from_hydra, seed_everything
     from mrrl.stages import get_stage
+    from mrrl.training.distributed import begin_stage
+    from mrrl.training.runtime import run_dir_from_hydra, seed_everything
 
     exit_on_bad_config(cfg)  # also run by the Hydra callback; here for sweep jobs and in-process callers
     begin_stage(cfg)  # DDP × --multirun guard, SLURM sizes, one W&B run per job: mrrl/distributed.py
@@ -53,8 +53,8 @@ def run_stage(cfg: DictConfig):
         stage = get_stage(cfg.stage.name)
         if cfg.get("objective") is None:
             return stage(cfg, run_dir)
-        from mrrl.distributed import hydra_config
-        from mrrl.objective import check_objective, objective_value
+        from mrrl.sweep_objective import check_objective, objective_value
+        from mrrl.training.distributed import hydra_config
 
         check_objective(cfg)
         outputs = stage(cfg, run_dir)

@@ -60,8 +60,8 @@ def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 1
     """A tiny VQGAN and a tiny diffusion checkpoint in the stages' formats (random weights, no training)."""
     import torch
 
-    from mrrl.stages.diffusion import DiffusionModule
-    from mrrl.stages.vqgan import VQGANModule
+    from mrrl.diffusion.module import DiffusionModule
+    from mrrl.vqgan.module import VQGANModule
 
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from helpers import compose_cfg, run_mrrl
 
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
-from mrrl.classify import aggregate, binary_metrics, mean_std
+from mrrl.classify.metrics import aggregate, binary_metrics, mean_std
 from mrrl.classify.report import mean_pm_std
 from mrrl.data.phantom import make_phantom_cohort
 from mrrl.errors import ConfigError
@@ -82,7 +82,7 @@ def run_dir(base: dict[str, Path], name: str) -> Path:
 
 def random_vqgan_ckpt(path: Path) -> Path:
     """A randomly initialised tiny VQGAN in the ``stage=vqgan`` checkpoint format (×4 down, 4-dim codes)."""
-    from mrrl.nets import VQGAN
+    from mrrl.vqgan.networks import VQGAN
 
     net_cfg = {"channels": [8, 16], "num_res_blocks": 1, "codebook_size": 32, "codebook_dim": 4}
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mrrl.cli import CONFIG_DIR
-from mrrl.runtime import build_datamodule, build_loggers, trainer_kwargs
 from mrrl.stages import PIPELINE_STAGES, STAGES
+from mrrl.training.runtime import build_datamodule, build_loggers, trainer_kwargs
 
 
 def options(group: str) -> list[str]:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import tiny_checkpoints
 
-from mrrl.diffusion import DiffusionSchedule
 from mrrl.diffusion.sampling import sample, step_log_prob, step_mean_std
+from mrrl.diffusion.schedules import DiffusionSchedule
 from mrrl.diffusion.unet import build_denoiser
-from mrrl.nets.quantizer import VectorQuantizerEMA, nearest_codes
+from mrrl.vqgan.quantizer import VectorQuantizerEMA, nearest_codes
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
@@ -170,7 +170,7 @@ def ppo_rollout(device: str, autocast: bool, tmp_path):
     """PPOModule's own rollout on ``device`` (its decode and reward included), clip range 1e-4 (DDPO)."""
     from test_ppo import PPO_CFG, mean_intensity_reward
 
-    from mrrl.stages.ppo import PPOModule
+    from mrrl.ppo.module import PPOModule
 
     ckpts = tiny_checkpoints(tmp_path, CLASSES)
     module = PPOModule(ckpts["diffusion"], ckpts["vqgan"], CLASSES, {**PPO_CFG, "clip_range": 1e-4})
@@ -238,7 +238,7 @@ def test_samples_are_reproducible_from_a_seed(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vqgan_under_bf16_autocast_picks_the_float32_codes(device: str) -> None:
-    from mrrl.nets import VQGAN
+    from mrrl.vqgan.networks import VQGAN
 
     torch.manual_seed(0)
     vqgan = VQGAN(channels=[8, 16], num_res_blocks=1, downsample_factor=4, codebook_size=32, codebook_dim=4)

@@ -13,8 +13,14 @@ import pytest
 import torch
 from conftest import blob_volume, make_brats
 
-from mrrl.data import DataValidationError, MRIDataModule
-from mrrl.data.layouts import discover_brats, discover_oasis, oasis_label, write_oasis_csv
+from mrrl.data.datamodule import MRIDataModule
+from mrrl.data.layouts import (
+    DataValidationError,
+    discover_brats,
+    discover_oasis,
+    oasis_label,
+    write_oasis_csv,
+)
 from mrrl.data.splits import SplitError, load_or_create_splits, make_splits
 
 

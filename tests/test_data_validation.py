@@ -16,9 +16,9 @@ from conftest import blob_volume, make_brats, make_oasis
 from helpers import compose_cfg, run_mrrl
 
 from mrrl.config_checks import check_config, config_problems
-from mrrl.data import DataValidationError, MRIDataModule
 from mrrl.data import validation as checks
-from mrrl.data.layouts import discover_brats, discover_oasis, write_oasis_csv
+from mrrl.data.datamodule import MRIDataModule
+from mrrl.data.layouts import DataValidationError, discover_brats, discover_oasis, write_oasis_csv
 from mrrl.data.phantom import _TempLock, remove_stale_temp_dirs
 from mrrl.data.splits import SplitError, make_splits
 from mrrl.errors import ConfigError, MrrlError

@@ -8,12 +8,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from mrrl.diffusion import (
-    DenoiserModel,
-    DiffusionSchedule,
-    build_denoiser,
+from mrrl.diffusion.sampling import (
     gaussian_kl,
-    inference_timesteps,
     latent_moments,
     noised_reconstruction,
     randn,
@@ -23,6 +19,8 @@ from mrrl.diffusion import (
     step_log_prob,
     step_mean_std,
 )
+from mrrl.diffusion.schedules import DiffusionSchedule, inference_timesteps
+from mrrl.diffusion.unet import DenoiserModel, build_denoiser
 
 LATENT = (4, 8, 8, 8)
 DIMS = (1, 2, 3, 4)

@@ -14,10 +14,10 @@ from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, stage_dir
 
 from mrrl.diffusion.generate import generate_volumes, load_diffusion, save_nifti
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.latents import load_latents, load_vqgan
-from mrrl.runtime import seed_everything
 from mrrl.stages import diffusion as diffusion_stage
 from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training.runtime import seed_everything
+from mrrl.vqgan.loading import load_latents, load_vqgan
 
 TINY_DIFFUSION = [
     "stage.unet.channels=[8,16]",

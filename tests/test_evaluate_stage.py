@@ -15,10 +15,10 @@ from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl
 
 import mrrl.evaluation.scores as scores_module
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.evaluation import gap_closed, render_markdown
-from mrrl.runtime import build_datamodule
+from mrrl.evaluation.tables import gap_closed, render_markdown
 from mrrl.stages import evaluate as evaluate_stage
 from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training.runtime import build_datamodule
 
 DATA = [o for o in TINY_DATA if not o.startswith("data.test_per_class")] + ["data.test_per_class=3"]
 CLASSES = ["HGG", "LGG"]
@@ -407,7 +407,7 @@ def test_every_extractor_orders_a_known_corruption_ladder(phantom_test_volumes) 
     """The instrument validated, not assumed: phantom test volumes with growing Gaussian noise (known
     ordering) score a rising FID and KID with every extractor, and the premise check calls it a pass."""
     from mrrl.evaluation.calibration import premise_checks, trend
-    from mrrl.metrics import build_extractor
+    from mrrl.metrics.extractors import build_extractor
     from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
 
     gen = torch.Generator().manual_seed(0)
@@ -483,7 +483,7 @@ def test_evaluate_computes_the_ladder_and_the_synthetic_trajectory(experiment, t
 def test_headline_extractor_that_labelled_the_reward_data_is_flagged(experiment, tmp_path: Path) -> None:
     from mrrl.evaluation.judge import headline_judge
     from mrrl.manifest import write_manifest
-    from mrrl.metrics import build_extractor
+    from mrrl.metrics.extractors import build_extractor
 
     _, run_root = experiment
     extractors = [build_extractor("random3d", seed=0), build_extractor("random2d", seed=0)]

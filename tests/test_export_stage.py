@@ -16,13 +16,13 @@ from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl, tiny_checkpoin
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.evaluation.sources import GenerationSettings, ModelSpec, load_volume_files
-from mrrl.export import load_exported_model, plan_blocks
-from mrrl.export.cohort import Block, Case
+from mrrl.export.cohort import Block, Case, plan_blocks
 from mrrl.export.geometry import subject_geometry
-from mrrl.runtime import build_datamodule
+from mrrl.export.weights import load_exported_model
 from mrrl.stages import check_data as check_data_stage
 from mrrl.stages import export as export_stage
 from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training.runtime import build_datamodule
 
 CLASSES = ["HGG", "LGG"]
 N, BATCH = 3, 2  # 3 cases per class in blocks of 2: one full and one partial block per class

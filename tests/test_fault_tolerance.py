@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from mrrl.errors import ConfigError
-from mrrl.fault_tolerance import (
+from mrrl.training.fault_tolerance import (
     AtomicCheckpointIO,
     GracefulStop,
     requeue_slurm_job,
@@ -107,7 +107,7 @@ def test_requeue_without_scontrol_says_so(tmp_path: Path, monkeypatch, capsys) -
 
 
 def test_requeue_setting_auto_defers_to_submitit(monkeypatch, tmp_path: Path) -> None:
-    import mrrl.fault_tolerance as ft
+    import mrrl.training.fault_tolerance as ft
 
     with pytest.raises(ConfigError, match="fault_tolerance.requeue"):
         GracefulStop(tmp_path / "last.ckpt", requeue="sometimes")

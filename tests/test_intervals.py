@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from mrrl.metrics import FeatureStatistics
 from mrrl.metrics.intervals import (
     VERDICT_BETTER,
     VERDICT_NONE,
@@ -18,6 +17,7 @@ from mrrl.metrics.intervals import (
     verdict,
 )
 from mrrl.metrics.kid import kid
+from mrrl.metrics.statistics import FeatureStatistics
 
 
 def _kid_reference(x: torch.Tensor, y: torch.Tensor) -> float:

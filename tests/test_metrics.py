@@ -13,22 +13,14 @@ import scipy.linalg
 import torch
 from monai.networks.layers import GaussianFilter
 
-from mrrl.metrics import (
-    FeatureAccumulator,
-    FeatureStatistics,
-    RealStatsCache,
-    VolumeFID,
-    build_extractor,
-    compute_fid_report,
-    compute_statistics,
-    density_coverage,
-    extract_features,
-    frechet_distance,
-    ms_ssim_diversity,
-    ms_ssim_settings,
-    precision_recall,
-)
+from mrrl.metrics.diversity import ms_ssim_diversity, ms_ssim_settings
+from mrrl.metrics.extractors import build_extractor
+from mrrl.metrics.fid import VolumeFID
+from mrrl.metrics.fid_report import compute_fid_report, compute_statistics, extract_features
+from mrrl.metrics.precision_recall import density_coverage, precision_recall
 from mrrl.metrics.pretrained import load_medicalnet_state
+from mrrl.metrics.statistics import FeatureAccumulator, FeatureStatistics, frechet_distance
+from mrrl.metrics.stats_cache import RealStatsCache
 
 
 def gaussian_features(n: int, dim: int, seed: int, scale: float = 1.0) -> np.ndarray:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from mrrl.cli import CONFIG_DIR, run_stage
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.objective import check_objective, lookup, objective_value
+from mrrl.sweep_objective import check_objective, lookup, objective_value
 
 PLUGIN = "hydra_plugins.hydra_optuna_sweeper"
 
@@ -59,10 +59,10 @@ def mrrl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_objective_is_returned_as_float_also_for_a_finished_stage(brats, tmp_path, monkeypatch) -> None:
     import mrrl.cli
-    import mrrl.distributed
+    import mrrl.training.distributed
 
     # run_stage in this process: without the process-wide set-up it does for a CLI run (signals, log handlers).
-    monkeypatch.setattr(mrrl.distributed, "begin_stage", lambda cfg: None)
+    monkeypatch.setattr(mrrl.training.distributed, "begin_stage", lambda cfg: None)
     monkeypatch.setattr(mrrl.cli, "_route_lightning_logs_through_hydra", lambda: None)
     cfg = compose_cfg(["stage=check_data", *data_args(brats), "objective=counts.total.All"], tmp_path)
     assert run_stage(cfg) == 8.0 and isinstance(run_stage(cfg), float)
@@ -114,7 +114,7 @@ def test_lookup_non_finite_values_and_non_numbers() -> None:
 
     assert value("val.val/l1") == 0.25
     assert value("val.inf") == -math.inf  # Optuna stores ±inf as a completed trial
-    assert value("val.nan") is None and value("val.null") is None  # failed trial (see mrrl/objective.py)
+    assert value("val.nan") is None and value("val.null") is None  # failed trial (see mrrl/sweep_objective.py)
     with pytest.raises(ConfigError, match=r"is str '/x/best.ckpt' .*not a number.*val\.val/l1, val\.lr\.g"):
         value("best_ckpt")
     with pytest.raises(ConfigError, match="is a dictionary with keys val/l1, lr.g"):
@@ -212,7 +212,7 @@ def tiny_ppo_inputs(root: Path) -> dict[str, str]:
     """Random-weight VQGAN, diffusion and R3D checkpoints in the stages' formats (16³, HGG/LGG)."""
     import torch
 
-    from mrrl.reward import build_reward_net
+    from mrrl.reward.models import build_reward_net
 
     ckpts = tiny_checkpoints(root, ["HGG", "LGG"])
     net = {"arch": "resnet10", "width": 8, "conv1_kernel": 3}

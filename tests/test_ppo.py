@@ -13,15 +13,17 @@ import torch
 from helpers import tiny_checkpoints
 from lightning.pytorch.loggers import CSVLogger
 
-from mrrl.diffusion import step_log_prob
 from mrrl.diffusion.generate import load_diffusion
+from mrrl.diffusion.sampling import step_log_prob
 from mrrl.errors import ConfigError
 from mrrl.evaluation.sources import GenerationSettings, ModelSpec, VolumeContext, model_volumes
-from mrrl.ppo import PerClassRewardNormalizer, clipped_surrogate, ppo_step_stats
+from mrrl.ppo.advantages import PerClassRewardNormalizer
 from mrrl.ppo.kl import KLController
+from mrrl.ppo.module import PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
+from mrrl.ppo.multiscale_reward import MultiScaleReward
 from mrrl.ppo.selection import BestTracker
+from mrrl.ppo.surrogate import clipped_surrogate, ppo_step_stats
 from mrrl.reward.ensemble import RewardEnsemble
-from mrrl.stages.ppo import MultiScaleReward, PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
 
 CLASSES = ["HGG", "LGG"]
 PPO_CFG = {
@@ -453,9 +455,9 @@ def test_validation_probe_reads_only_the_validation_split(
     from helpers import compose_cfg
 
     from mrrl.manifest import write_manifest
-    from mrrl.metrics import build_extractor
-    from mrrl.runtime import build_datamodule
-    from mrrl.stages.ppo import ValidationProbe
+    from mrrl.metrics.extractors import build_extractor
+    from mrrl.ppo.probe import ValidationProbe
+    from mrrl.training.runtime import build_datamodule
 
     data = probe_data
     stage = [
@@ -524,7 +526,7 @@ def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
 ) -> None:
     from helpers import compose_cfg
 
-    from mrrl.reward import build_reward_net
+    from mrrl.reward.models import build_reward_net
     from mrrl.stages import ppo as ppo_stage
 
     net = {"arch": "resnet10", "width": 4, "conv1_kernel": 3}

@@ -19,7 +19,7 @@ from conftest import make_brats
 from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, tiny_checkpoints
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mrrl.runtime import seed_everything
+from mrrl.training.runtime import seed_everything
 
 TOLERANCE = 1e-6
 
@@ -179,8 +179,8 @@ def test_reward_resumes_exactly(tmp_path: Path) -> None:
 def test_ppo_resumes_exactly(tmp_path: Path) -> None:
     from test_ppo import CLASSES, make_module
 
-    from mrrl.stages.common import build_trainer, fit
-    from mrrl.stages.ppo import PPOModule
+    from mrrl.ppo.module import PPOModule
+    from mrrl.training.trainer import build_trainer, fit
 
     checkpoints = tiny_checkpoints(tmp_path / "ckpts", CLASSES)
 
@@ -201,7 +201,7 @@ def test_resumable_loader_order_position_and_fallback(caplog) -> None:
     cannot reproduce are left alone with a warning."""
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
-    from mrrl.resume import ResumableDataLoader, resumable_loader
+    from mrrl.training.resume import ResumableDataLoader, resumable_loader
 
     data = list(range(10))
     loader = resumable_loader(DataLoader(data, batch_size=3, shuffle=True), seed=7, rank=0, world_size=1)

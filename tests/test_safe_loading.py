@@ -18,7 +18,7 @@ import torch
 from conftest import make_brats
 from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
 
-from mrrl.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
+from mrrl.utils.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
 
 class _RunsShell:
@@ -49,8 +49,8 @@ def evil(tmp_path: Path) -> tuple[Path, Path]:
 def _loaders():
     from mrrl.classify.model import load_weights
     from mrrl.diffusion.generate import export_ema, load_diffusion
-    from mrrl.latents import load_latents, load_vqgan
-    from mrrl.reward import load_reward_model
+    from mrrl.reward.models import load_reward_model
+    from mrrl.vqgan.loading import load_latents, load_vqgan
 
     return {
         "safe_load": safe_load,

@@ -24,9 +24,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from mrrl.cli import CONFIG_DIR
-from mrrl.distributed import check_launch, local_processes, reexecutes_command_line
 from mrrl.errors import ConfigError
 from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training.distributed import check_launch, local_processes, reexecutes_command_line
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

@@ -18,11 +18,14 @@ from conftest import REPO_ROOT
 from helpers import compose_cfg, tiny_checkpoints
 from omegaconf import OmegaConf
 
+from mrrl.diffusion.module import DiffusionModule
 from mrrl.diffusion.unet import build_unet
 from mrrl.errors import ConfigError
-from mrrl.nets import VQGAN, SliceDiscriminator
-from mrrl.nets import speed as speed_module
-from mrrl.nets.speed import (
+from mrrl.stages import diffusion as diffusion_stage
+from mrrl.stages import ppo as ppo_stage
+from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training import speed as speed_module
+from mrrl.training.speed import (
     CompileOptions,
     SpeedOptions,
     checkpointed_blocks,
@@ -32,10 +35,8 @@ from mrrl.nets.speed import (
     maybe_compile,
     to_channels_last_3d,
 )
-from mrrl.stages import diffusion as diffusion_stage
-from mrrl.stages import ppo as ppo_stage
-from mrrl.stages import vqgan as vqgan_stage
-from mrrl.stages.diffusion import DiffusionModule
+from mrrl.vqgan.discriminators import SliceDiscriminator
+from mrrl.vqgan.networks import VQGAN
 
 CLASSES = ["HGG", "LGG"]
 ALL_ON = [

@@ -1,4 +1,4 @@
-"""Tests for mrrl.nets: VQGAN generator, EMA quantiser, discriminators, GAN and perceptual losses (CPU, tiny)."""
+"""Tests for mrrl.vqgan (networks): VQGAN generator, EMA quantiser, discriminators, GAN and perceptual losses (CPU, tiny)."""
 
 from __future__ import annotations
 
@@ -14,23 +14,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrrl.nets import (
-    VQGAN,
+from mrrl.vqgan.discriminators import (
+    SliceDiscriminator,
+    VolumeDiscriminator,
+    axial_slices,
+    random_axial_slices,
+)
+from mrrl.vqgan.gan_losses import (
     PerceptualLoss,
     PerceptualWeightsMissingError,
-    SliceDiscriminator,
-    VectorQuantizerEMA,
-    VolumeDiscriminator,
     adaptive_adversarial_weight,
     adversarial_factor,
-    axial_slices,
     build_perceptual_loss,
     discriminator_loss,
     feature_matching_loss,
     generator_loss,
-    nearest_codes,
-    random_axial_slices,
 )
+from mrrl.vqgan.networks import VQGAN
+from mrrl.vqgan.quantizer import VectorQuantizerEMA, nearest_codes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +278,7 @@ def test_stats_are_in_valid_ranges():
 _DDP_WORKER = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
-    from mrrl.nets.quantizer import VectorQuantizerEMA
+    from mrrl.vqgan.quantizer import VectorQuantizerEMA
     rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)

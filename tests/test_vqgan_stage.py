@@ -13,9 +13,9 @@ from conftest import make_brats
 from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, stage_dir
 
 from mrrl.errors import ConfigError
-from mrrl.latents import ensure_latents, load_latents, load_vqgan
-from mrrl.runtime import build_datamodule, seed_everything
 from mrrl.stages import vqgan as vqgan_stage
+from mrrl.training.runtime import build_datamodule, seed_everything
+from mrrl.vqgan.loading import ensure_latents, load_latents, load_vqgan
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from monai.networks.nets import resnet
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
-from mrrl.checkpoints import safe_load
 from mrrl.errors import ConfigError
+from mrrl.utils.checkpoints import safe_load
 
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
 MONITORS = {"val/auc": "max", "val/accuracy": "max", "val/f1": "max", "val/loss": "min"}

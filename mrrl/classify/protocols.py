@@ -26,7 +26,7 @@ from mrrl.evaluation.sources import (
     model_volumes,
     safe_name,
 )
-from mrrl.ranks import RankShard
+from mrrl.training.ranks import RankShard
 
 log = logging.getLogger(__name__)
 

@@ -31,14 +31,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import Dataset
 
-from mrrl.checkpoints import safe_load
 from mrrl.classify.data import ClassifyDataModule, SyntheticDataset, balanced_class_weights
 from mrrl.classify.metrics import binary_metrics
 from mrrl.classify.model import MONITORS, ClassifierModule, load_weights, predict
 from mrrl.classify.protocols import Protocol
 from mrrl.errors import ConfigError
-from mrrl.runtime import seed_everything
-from mrrl.stages.common import build_trainer, checkpoint_outputs, fit, last_checkpoint
+from mrrl.training.runtime import seed_everything
+from mrrl.training.trainer import build_trainer, checkpoint_outputs, fit, last_checkpoint
+from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from mrrl.checkpoints import safe_load
 from mrrl.diffusion.sampling import randn, sample
 from mrrl.diffusion.schedules import DiffusionSchedule
 from mrrl.diffusion.unet import DenoiserModel, build_denoiser
 from mrrl.errors import ManifestError
+from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_path
 
 EMA_PREFIX = "ema.unet."

@@ -81,7 +81,7 @@ class _Models:
     def get(self):
         if self._loaded is None:
             from mrrl.diffusion.generate import load_diffusion
-            from mrrl.latents import load_vqgan
+            from mrrl.vqgan.loading import load_vqgan
 
             loaded = load_diffusion(
                 self.spec.source, use_ema=self.ctx.settings.use_ema, device=self.ctx.device
@@ -100,8 +100,8 @@ class _Models:
 
 @torch.no_grad()
 def _ladder_class(models: _Models, real: torch.Tensor, label: int, t: int, cal: CalibrationSettings, ctx):
-    from mrrl.diffusion import noised_reconstruction
     from mrrl.diffusion.generate import decode_latents
+    from mrrl.diffusion.sampling import noised_reconstruction
 
     loaded, vqgan = models.get()
     gen = torch.Generator().manual_seed(cal.seed * 1_000_003 + 7 * label + 1)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import read_manifest
-from mrrl.metrics import VolumeFeatureExtractor, build_extractor
+from mrrl.metrics.extractors import VolumeFeatureExtractor, build_extractor
 
 
 def check_headline_name(

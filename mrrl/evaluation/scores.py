@@ -20,15 +20,12 @@ import torch
 from torch import Tensor
 
 from mrrl.errors import ConfigError
-from mrrl.metrics import (
-    FeatureStatistics,
-    RealStatsCache,
-    VolumeFeatureExtractor,
-    build_extractor,
-    extract_features,
-    ms_ssim_diversity,
-    prdc,
-)
+from mrrl.metrics.diversity import ms_ssim_diversity
+from mrrl.metrics.extractors import VolumeFeatureExtractor, build_extractor
+from mrrl.metrics.fid_report import extract_features
+from mrrl.metrics.precision_recall import prdc
+from mrrl.metrics.statistics import FeatureStatistics
+from mrrl.metrics.stats_cache import RealStatsCache
 from mrrl.utils.io import atomic_save_npy
 
 ALL = "All"

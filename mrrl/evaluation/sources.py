@@ -15,7 +15,7 @@ array is replaced and written after it, so a crash in between can never pair new
 volumes.
 
 Under DDP (``VolumeContext.shard``) every rank samples or reconstructs an interleaved share of each class
-(:mod:`mrrl.ranks`); the shares are gathered on every rank and rank 0 alone writes the cache. With a
+(:mod:`mrrl.training.ranks`); the shares are gathered on every rank and rank 0 alone writes the cache. With a
 deterministic sampler the volumes are the ones a single process makes; stochastic steps draw their noise
 from a per-rank stream, so the world size is then part of the cache key.
 """
@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import manifest_path, read_manifest
-from mrrl.ranks import RankShard
+from mrrl.training.ranks import RankShard
 from mrrl.utils.io import atomic_save_npy, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class GenerationSettings:
         unset = [k for k in ("sampler", "num_steps", "eta") if getattr(self, k) is None]
         if not unset:
             return self
-        from mrrl.checkpoints import safe_load
+        from mrrl.utils.checkpoints import safe_load
 
         sampling = (safe_load(ckpt, mmap=True).get("hyper_parameters") or {}).get("sampling") or {}
         absent = [k for k in unset if sampling.get(k) is None]
@@ -339,7 +339,7 @@ def load_volume_files(spec: ModelSpec, class_names: Sequence[str], image_shape: 
             if absent:
                 raise ConfigError(f"{source} has no array for class(es) {absent} (found {data.files})")
             return {c: _as_volumes(data[c], image_shape, f"{source}[{c}]") for c in class_names}
-    from mrrl.export import is_cohort, load_cohort_volumes
+    from mrrl.export.cohort import is_cohort, load_cohort_volumes
 
     if is_cohort(source):  # a `mrrl stage=export` cohort: its NIfTI files, back in the model range
         volumes = load_cohort_volumes(source, class_names)
@@ -356,7 +356,7 @@ def load_volume_files(spec: ModelSpec, class_names: Sequence[str], image_shape: 
 
 
 def _reconstructions(spec: ModelSpec, ctx: VolumeContext) -> VolumeSet:
-    from mrrl.latents import load_vqgan
+    from mrrl.vqgan.loading import load_vqgan
 
     net = None
     result = VolumeSet({})
@@ -430,7 +430,7 @@ def load_sampler(
     file is gone is the experiment's VQGAN used, with a warning.
     """
     from mrrl.diffusion.generate import generate_volumes, load_diffusion
-    from mrrl.latents import load_vqgan
+    from mrrl.vqgan.loading import load_vqgan
 
     settings = (settings or ctx.settings).for_checkpoint(ckpt)
     loaded = load_diffusion(ckpt, use_ema=settings.use_ema, device=ctx.device)

@@ -259,7 +259,7 @@ def write_figures(
 ) -> list[Path]:
     """``samples_<class>.png`` per class: mid-slices of the first ``n_volumes`` real volumes, then of every
     row (label → volumes per class) in table order."""
-    from mrrl.viz import plt, slices_figure
+    from mrrl.utils.viz import plt, slices_figure
 
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +281,7 @@ def write_figures(
 def write_calibration_figure(path: str | Path, results: Mapping[str, Any]) -> Path:
     """FID (with intervals) of the ladder against t and of the synthetic trajectory against sampler steps,
     one panel pair per extractor, with the Table 2 rows as horizontal lines."""
-    from mrrl.viz import plt
+    from mrrl.utils.viz import plt
 
     info = results["calibration"]
     exts = list(results["intervals"])

@@ -79,7 +79,7 @@ def load_exported_model(model_dir: str | Path, device: str | torch.device = "cpu
     """The denoiser (as :class:`LoadedDiffusion`) and VQGAN of an exported model folder, without pickle."""
     from safetensors.torch import load_file
 
-    from mrrl.nets import VQGAN
+    from mrrl.vqgan.networks import VQGAN
 
     model_dir = Path(model_dir)
     diffusion_cfg = _read_json(model_dir / f"{DIFFUSION_FILE}.json")

@@ -1,6 +1,3 @@
-"""PPO for diffusion models (DDPO-style): advantages, the clipped objective, the per-step KL penalty."""
-
-from mrrl.ppo.advantages import PerClassRewardNormalizer
-from mrrl.ppo.objective import clipped_surrogate, ppo_step_stats
-
-__all__ = ["PerClassRewardNormalizer", "clipped_surrogate", "ppo_step_stats"]
+"""PPO for diffusion models (paper §3.5, DDPO-style): the LightningModule (`module`), the multi-scale reward
+(`multiscale_reward`), advantages, the clipped surrogate, the KL controller, the validation probe and the
+best-checkpoint tracker."""

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mrrl.checkpoints import safe_load
 from mrrl.errors import ConfigError, ManifestError
+from mrrl.utils.checkpoints import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class SliceRewardNet(RewardNet):
 
     def slice_scores(self, volumes: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised scores ``[B, k]`` of the slices ``indices`` (default: :meth:`slice_indices`)."""
-        from mrrl.nets import axial_slices
+        from mrrl.vqgan.discriminators import axial_slices
 
         if indices is None:
             indices = self.slice_indices(volumes.shape[0], volumes.shape[-1], volumes.device)

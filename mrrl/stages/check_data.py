@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mrrl.data import format_summary
+from mrrl.data.datamodule import format_summary
 from mrrl.manifest import write_manifest
-from mrrl.runtime import build_datamodule
+from mrrl.training.runtime import build_datamodule
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 10  # ids printed per reason; the manifest has them all

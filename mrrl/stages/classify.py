@@ -10,7 +10,7 @@ A 3D ResNet (MONAI, ``stage.arch``) classifies the real **test** split after eac
 Each protocol runs once per seed of ``stage.seeds`` (see :mod:`mrrl.classify.runner` for the per-run
 folders, resume and skipping); synthetic volumes are sampled once per generator, before any training,
 and cached in ``<run_dir>/synthetic/``; under ``trainer=ddp`` the ranks (started here, before sampling, and
-reused by every Trainer) share the sampling and each gets all volumes (:mod:`mrrl.ranks`). A protocol
+reused by every Trainer) share the sampling and each gets all volumes (:mod:`mrrl.training.ranks`). A protocol
 whose generator does not exist yet (no ppo manifest) is reported as missing and the others run. Outputs:
 ``table3.md``, ``table3.csv`` (accuracy, F1, AUC as mean ± sample std over seeds), ``per_seed.csv``,
 ``metrics.json`` and the manifest. Rerunning rebuilds the tables from the finished runs' stored test
@@ -36,8 +36,8 @@ from mrrl.classify.report import write_tables
 from mrrl.classify.runner import RunContext, choose_monitor, data_identity, execute, finished_result, run_key
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
-from mrrl.ranks import RankShard, generation_device, launch_ranks
-from mrrl.runtime import build_datamodule
+from mrrl.training.ranks import RankShard, generation_device, launch_ranks
+from mrrl.training.runtime import build_datamodule
 from mrrl.utils.io import atomic_write_json
 
 

@@ -15,7 +15,7 @@ manifest. A finished evaluation is skipped when its inputs (checkpoints, setting
 With ``logger=wandb`` the FID values, the table and the figures also go to W&B.
 
 Distributed: under a multi-device ``trainer`` (``trainer=ddp``: 4 GPUs) the ranks share the sampling and
-the reconstructions of every row (:mod:`mrrl.ranks`; deterministic DDIM gives the volumes one process
+the reconstructions of every row (:mod:`mrrl.training.ranks`; deterministic DDIM gives the volumes one process
 would), and rank 0 alone extracts features, scores and writes. With one device it runs in one process
 (the first GPU unless ``trainer.accelerator=cpu``); extra ranks started outside such a config (torchrun
 with ``trainer.devices=1``) return at once and write nothing.
@@ -65,9 +65,9 @@ from mrrl.evaluation.tables import (
 )
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
 from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
-from mrrl.ranks import RankShard, generation_device, launch_ranks
-from mrrl.runtime import build_datamodule, build_loggers
-from mrrl.stages.common import release_process_group
+from mrrl.training.ranks import RankShard, generation_device, launch_ranks
+from mrrl.training.runtime import build_datamodule, build_loggers
+from mrrl.training.trainer import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID")

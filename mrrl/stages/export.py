@@ -49,9 +49,9 @@ from mrrl.export.cohort import (
 )
 from mrrl.export.geometry import INTENSITY_MODES, cohort_geometry, to_model_range, to_output_range
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
-from mrrl.ranks import RankShard, generation_device, launch_ranks
-from mrrl.runtime import build_datamodule
-from mrrl.stages.common import release_process_group
+from mrrl.training.ranks import RankShard, generation_device, launch_ranks
+from mrrl.training.runtime import build_datamodule
+from mrrl.training.trainer import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 
 COHORT_FORMAT = "mrrl.export.cohort/1"
@@ -116,9 +116,9 @@ class Models:
     """The denoiser and decoder an export samples with, and how it decodes."""
 
     def __init__(self, cfg: DictConfig, ckpt: str, class_names: list[str], device: torch.device):
-        from mrrl.checkpoints import safe_load
         from mrrl.diffusion.generate import load_diffusion
-        from mrrl.latents import load_vqgan
+        from mrrl.utils.checkpoints import safe_load
+        from mrrl.vqgan.loading import load_vqgan
 
         stage = cfg.stage
         self.loaded = load_diffusion(ckpt, use_ema=bool(stage.use_ema), device=device)

@@ -26,8 +26,8 @@ from mrrl.reward.losses import RANKING_LOSSES
 from mrrl.reward.models import KINDS, load_reward_model
 from mrrl.reward.module import MONITORS, RewardDataModule, RewardModule
 from mrrl.reward.splits import SPLIT_FILE, ensure_split
-from mrrl.runtime import seed_everything
-from mrrl.stages.common import already_finished, build_trainer, checkpoint_outputs, fit, last_checkpoint
+from mrrl.training.runtime import seed_everything
+from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit, last_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -27,19 +27,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mrrl.checkpoints import safe_load
-from mrrl.diffusion import noised_reconstruction
 from mrrl.diffusion.generate import decode_latents, generate_volumes, load_diffusion
+from mrrl.diffusion.sampling import noised_reconstruction
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.latents import load_vqgan
+from mrrl.evaluation.real_sets import real_class_set, real_class_statistics
 from mrrl.manifest import read_manifest, write_manifest
-from mrrl.metrics import FeatureStatistics, RealStatsCache, build_extractor, compute_statistics
-from mrrl.ranks import gather_share, generation_device, launch_ranks
+from mrrl.metrics.extractors import build_extractor
+from mrrl.metrics.fid_report import compute_statistics
+from mrrl.metrics.statistics import FeatureStatistics
+from mrrl.metrics.stats_cache import RealStatsCache
 from mrrl.reward.dataset import RewardDatasetWriter, group_name
 from mrrl.reward.maps import fid_to_reward
-from mrrl.runtime import build_datamodule
-from mrrl.stages.common import already_finished, real_class_set, real_class_statistics
+from mrrl.training.ranks import gather_share, generation_device, launch_ranks
+from mrrl.training.runtime import build_datamodule
+from mrrl.training.trainer import already_finished
+from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.vqgan.loading import load_vqgan
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +348,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     if fabric is not None:
         fabric.barrier()
-        from mrrl.stages.common import release_process_group
+        from mrrl.training.trainer import release_process_group
 
         release_process_group()
     if rank != 0:

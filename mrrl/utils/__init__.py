@@ -1,1 +1,2 @@
-"""Small shared utilities (atomic file writes, manifests, seeding)."""
+"""Small shared utilities: atomic file writes and CSV reading (`io`), safe checkpoint loading
+(`checkpoints`), figures for loggers (`viz`)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from mrrl.distributed import local_processes, reexecutes_command_line
+from mrrl.training.distributed import local_processes, reexecutes_command_line
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 from monai.networks.nets import VQVAE
 from torch import nn
 
-from mrrl.nets.quantizer import QuantizerOutput, VectorQuantizerEMA
-from mrrl.nets.speed import enable_activation_checkpointing
+from mrrl.training.speed import enable_activation_checkpointing
+from mrrl.vqgan.quantizer import QuantizerOutput, VectorQuantizerEMA
 
 # MONAI (stride, kernel, dilation, padding[, output_padding]): k4/s2/p1 halves an even size exactly and its
 # transpose doubles it; k3/s1/p1 keeps the size.
@@ -36,7 +36,7 @@ class VQGANConfig:
     spatial axis, any further levels keep the resolution. ``num_res_channels`` defaults to ``channels``.
     ``gradient_checkpointing`` (read when the network is built) keeps only the encoder's and the decoder's
     inputs of a training-mode forward and recomputes each of the two in the backward pass
-    (:func:`mrrl.nets.speed.enable_activation_checkpointing`).
+    (:func:`mrrl.training.speed.enable_activation_checkpointing`).
     """
 
     in_channels: int = 1

@@ -31,7 +31,7 @@ def seed_everything(seed: int) -> None:
 
 def build_datamodule(cfg: DictConfig, **overrides: Any):
     """The shared ``MRIDataModule`` from ``cfg.data`` (keys are the constructor's arguments)."""
-    from mrrl.data import MRIDataModule
+    from mrrl.data.datamodule import MRIDataModule
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(data, dict)

@@ -14,7 +14,7 @@
   Requeueing stops after ``fault_tolerance.max_requeues`` restarts (``SLURM_RESTART_COUNT``), and is left to
   submitit under the submitit launcher (it requeues on its own signal).
 
-The stopped run exits with status 143 (``mrrl.distributed.sigterm_exits_nonzero``).
+The stopped run exits with status 143 (``mrrl.training.distributed.sigterm_exits_nonzero``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def usable_resume_checkpoint(
     the damaged files later, once all ranks have chosen). Only the pickle is read here (tensors memory-
     mapped), which is where a truncated file fails. A file that would run code is an error, never skipped.
     """
-    from mrrl.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
+    from mrrl.utils.checkpoints import DamagedCheckpointError, UnsafeCheckpointError, safe_load
 
     primary = [p for p in [last, *Path(run_dir).glob(HPC_CKPT_GLOB)] if p is not None and p.is_file()]
     if not primary:
@@ -151,7 +151,7 @@ def requeue_slurm_job(max_requeues: int) -> bool:
 
 def under_submitit() -> bool:
     """Whether this job runs under Hydra's submitit launcher (which requeues on its own signal)."""
-    from mrrl.distributed import SLURM_LAUNCHER_SUFFIX, _launcher_target, hydra_config
+    from mrrl.training.distributed import SLURM_LAUNCHER_SUFFIX, _launcher_target, hydra_config
 
     return _launcher_target(hydra_config()).endswith(SLURM_LAUNCHER_SUFFIX)
 

@@ -17,17 +17,17 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from mrrl.checkpoints import safe_load
-from mrrl.fault_tolerance import (
+from mrrl.manifest import is_complete
+from mrrl.training.fault_tolerance import (
     AtomicCheckpointIO,
     SetAsideDamaged,
     graceful_stop_from_config,
     resume_checkpoint,
     usable_resume_checkpoint,
 )
-from mrrl.manifest import is_complete
-from mrrl.resume import ResumeState
-from mrrl.runtime import build_loggers, trainer_kwargs
+from mrrl.training.resume import ResumeState
+from mrrl.training.runtime import build_loggers, trainer_kwargs
+from mrrl.utils.checkpoints import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -226,36 +226,3 @@ def checkpoint_outputs(run_dir: Path, best_cb: ModelCheckpoint | None) -> dict[s
 def _say(message: str, trainer: L.Trainer | None = None) -> None:
     if trainer is None or trainer.is_global_zero:
         print(f"mrrl: {message}", flush=True)
-
-
-def real_class_set(datamodule, split: str, class_name: str):
-    """All preprocessed volumes ``[N, C, D, H, W]`` of one class in one split, and their subject ids."""
-    import torch
-
-    from mrrl.errors import ConfigError
-
-    dataset = datamodule.dataset(split, label=class_name)
-    if len(dataset) == 0:
-        raise ConfigError(f"no {split} volumes of class {class_name}: real volumes are needed per class")
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([item["image"] for item in items]), [item["id"] for item in items]
-
-
-def real_class_statistics(datamodule, split: str, class_name: str, extractor, cache, batch_size: int, device):
-    """Feature statistics of a class's real volumes, computed once per (data, split, class, extractor).
-
-    Returns ``(volumes, ids, statistics)``; ``cache`` is a :class:`mrrl.metrics.RealStatsCache`.
-    """
-    from mrrl.metrics import compute_statistics
-
-    real, ids = real_class_set(datamodule, split, class_name)
-    key = {
-        "dataset": datamodule.name,
-        "preprocessing": datamodule.cache.dir.name,
-        "split": split,
-        "class": class_name,
-        "ids": sorted(ids),
-        "extractor": extractor.identity,
-    }
-    stats = cache.get_or_compute(key, lambda: compute_statistics(extractor, real, batch_size, device))
-    return real, ids, stats

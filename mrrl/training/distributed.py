@@ -113,7 +113,7 @@ def _launcher_target(hydra: Mapping[str, Any] | None) -> str:
 
 def _trainer_settings(cfg: DictConfig) -> list[dict[str, Any]]:
     """The stage's Trainer arguments, plus one variant per sub-model with its own ``trainer`` (reward)."""
-    from mrrl.runtime import trainer_kwargs
+    from mrrl.training.runtime import trainer_kwargs
 
     base = trainer_kwargs(cfg)
     settings = [base]

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mrrl.checkpoints import safe_load
 from mrrl.errors import ManifestError
+from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ def _file_identity(path: str | Path) -> dict[str, Any]:
 
 
 def load_vqgan(ckpt_path: str | Path, device: str | torch.device = "cpu"):
-    """The frozen generator (``mrrl.nets.VQGAN``, eval mode) from a ``stage=vqgan`` Lightning checkpoint."""
-    from mrrl.nets import VQGAN
+    """The frozen generator (``mrrl.vqgan.networks.VQGAN``, eval mode) from a ``stage=vqgan`` Lightning checkpoint."""
+    from mrrl.vqgan.networks import VQGAN
 
     ckpt = safe_load(ckpt_path)
     hparams = ckpt.get("hyper_parameters", {})
