@@ -114,7 +114,9 @@ def test_lookup_non_finite_values_and_non_numbers() -> None:
 
     assert value("val.val/l1") == 0.25
     assert value("val.inf") == -math.inf  # Optuna stores ±inf as a completed trial
-    assert value("val.nan") is None and value("val.null") is None  # failed trial (see mrrl/sweep_objective.py)
+    assert (
+        value("val.nan") is None and value("val.null") is None
+    )  # failed trial (see mrrl/sweep_objective.py)
     with pytest.raises(ConfigError, match=r"is str '/x/best.ckpt' .*not a number.*val\.val/l1, val\.lr\.g"):
         value("best_ckpt")
     with pytest.raises(ConfigError, match="is a dictionary with keys val/l1, lr.g"):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,19 +64,10 @@ from mrrl.evaluation.tables import (
 )
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
 from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
-from mrrl.training.ranks import RankShard, generation_device, launch_ranks
+from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule, build_loggers
 from mrrl.training.trainer import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text
-
-RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
-
-
-def process_rank() -> int:
-    for name in RANK_ENV:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def load_real_sets(datamodule, split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:

@@ -49,7 +49,7 @@ from mrrl.export.cohort import (
 )
 from mrrl.export.geometry import INTENSITY_MODES, cohort_geometry, to_model_range, to_output_range
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
-from mrrl.training.ranks import RankShard, generation_device, launch_ranks
+from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text
@@ -214,7 +214,6 @@ def _agree_or_raise(shard: RankShard, compute) -> Any:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    from mrrl.stages.evaluate import process_rank
 
     fabric = launch_ranks(cfg)
     shard = RankShard(fabric)

@@ -9,6 +9,7 @@ SLURM started); a Lightning Trainer created later in the same processes finds th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,17 @@ class RankShard:
         if self.fabric is None:
             return value
         return self.fabric.broadcast(value, src=0)
+
+
+RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (0 when launched alone)."""
+    for name in RANK_ENV:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def launch_ranks(cfg: DictConfig):
