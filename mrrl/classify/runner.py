@@ -162,7 +162,7 @@ class RunContext:
 
 
 def _finish_wandb(trainer) -> None:
-    """Close this run's W&B run, or the next run would log into it (DESIGN.md, known pitfalls)."""
+    """Close this run's W&B run, or the next run would log into it (docs/design_notes.md, known pitfalls)."""
     if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
         import wandb
 

@@ -90,7 +90,7 @@ def _device(cfg: DictConfig) -> str:
 
 
 def _finish_wandb(trainer) -> None:
-    """Close this model's W&B run, or R2D would log into R3D's run (see DESIGN.md, known pitfalls)."""
+    """Close this model's W&B run, or R2D would log into R3D's run (docs/design_notes.md, known pitfalls)."""
     if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
         import wandb
 

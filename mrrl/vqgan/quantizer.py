@@ -1,7 +1,7 @@
 """Memory-efficient, DDP-aware EMA vector quantiser for the 3D VQGAN.
 
 Why not MONAI's ``EMAQuantizer``: it builds the full ``N x K`` distance matrix and an ``N x K`` one-hot
-matrix, which is what makes the public 3D VQGANs run out of memory at 128^3 (see DESIGN.md, "Speed on GPUs").
+matrix, which is what makes the public 3D VQGANs run out of memory at 128^3 (docs/design_notes.md, "Speed on GPUs").
 Here the nearest-code search runs in chunks of rows, the EMA statistics are gathered with
 ``bincount``/``index_add_`` (no one-hot), and dead codes are restarted from encoder outputs.
 
