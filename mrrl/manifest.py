@@ -70,3 +70,21 @@ def read_manifest(experiment_dir: str | Path, stage: str, hint: str | None = Non
     if payload.get("status") != "complete":
         raise ManifestError(f"{path} says the {stage} stage did not finish: {how}")
     return payload
+
+
+def try_read_manifest(experiment_dir: str | Path, stage: str) -> tuple[dict[str, Any] | None, str]:
+    """``(manifest, "")`` when the stage finished, else ``(None, why)`` — ``why`` completes "the stage …"
+    (``has not run``, ``did not finish``, ``has an unreadable manifest (…)``). For readers that show what
+    exists instead of failing (the report)."""
+    path = manifest_path(experiment_dir, stage)
+    if not path.is_file():
+        return None, "has not run"
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"has an unreadable manifest ({exc})"
+    if not isinstance(payload, dict):
+        return None, f"has an unreadable manifest (a JSON {type(payload).__name__}, not an object)"
+    if payload.get("status") != "complete":
+        return None, "did not finish"
+    return payload, ""
