@@ -32,7 +32,7 @@ from mrrl.reward import (
     pairwise_ranking_loss,
     split_reward_rows,
 )
-from mrrl.reward.evaluate import reward_metrics, score_dataset
+from mrrl.reward.ranking_metrics import reward_metrics, score_dataset
 from mrrl.reward.splits import ensure_split
 from mrrl.runtime import seed_everything
 from mrrl.stages import reward as reward_stage

@@ -6,7 +6,7 @@
   synthetic volumes, sampled once per generator and cached;
 - :mod:`mrrl.classify.runner`: one (protocol, seed) run — pre-train, fine-tune, test — resumable;
 - :mod:`mrrl.classify.metrics`: accuracy / F1 / AUC and mean ± sample std over seeds;
-- :mod:`mrrl.classify.report`: ``table3.md``, ``table3.csv``, ``per_seed.csv``.
+- :mod:`mrrl.classify.tables`: ``table3.md``, ``table3.csv``, ``per_seed.csv``.
 
 ``mrrl stage=classify`` (:mod:`mrrl.stages.classify`) puts them together.
 """
