@@ -17,6 +17,10 @@ from mrrl.errors import ManifestError
 from mrrl.utils.io import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
+# The stages whose manifests make an experiment, in pipeline order (the registry in mrrl/stages maps each
+# name to its script; the report reads the manifests in this order). Export runs on demand only.
+PIPELINE_STAGES = ("check_data", "vqgan", "diffusion", "reward_data", "reward", "ppo", "evaluate", "classify")
+ON_DEMAND_STAGES = ("export",)
 
 
 def write_manifest(run_dir: str | Path, stage: str, outputs: Mapping[str, Any], config: Any = None) -> Path:
@@ -70,3 +74,21 @@ def read_manifest(experiment_dir: str | Path, stage: str, hint: str | None = Non
     if payload.get("status") != "complete":
         raise ManifestError(f"{path} says the {stage} stage did not finish: {how}")
     return payload
+
+
+def try_read_manifest(experiment_dir: str | Path, stage: str) -> tuple[dict[str, Any] | None, str]:
+    """``(manifest, "")`` when the stage finished, else ``(None, why)`` — ``why`` completes "the stage …"
+    (``has not run``, ``did not finish``, ``has an unreadable manifest (…)``). For readers that show what
+    exists instead of failing (the report)."""
+    path = manifest_path(experiment_dir, stage)
+    if not path.is_file():
+        return None, "has not run"
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"has an unreadable manifest ({exc})"
+    if not isinstance(payload, dict):
+        return None, f"has an unreadable manifest (a JSON {type(payload).__name__}, not an object)"
+    if payload.get("status") != "complete":
+        return None, "did not finish"
+    return payload, ""

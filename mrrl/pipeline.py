@@ -103,7 +103,7 @@ def run_pipeline(overrides: Sequence[str]) -> int:
             return status
         print(f"{prefix} done in {elapsed}", flush=True)
     print(f"mrrl-pipeline: all stages done in {_format_elapsed(time.monotonic() - start)}", flush=True)
-    from mrrl.report import write_report
+    from mrrl.report.build import write_report
 
     print(f"mrrl-pipeline: report {write_report(experiment_dir)}", flush=True)
     return 0

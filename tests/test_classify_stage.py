@@ -22,11 +22,11 @@ from helpers import compose_cfg, run_mrrl
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
 from mrrl.classify.metrics import aggregate, binary_metrics, mean_std
-from mrrl.classify.report import mean_pm_std
 from mrrl.data.phantom import make_phantom_cohort
 from mrrl.errors import ConfigError
 from mrrl.manifest import write_manifest
 from mrrl.stages import classify as classify_stage
+from mrrl.utils.markdown import fmt_pm as mean_pm_std
 
 CLASSES = ["HGG", "LGG"]
 TEST_PER_CLASS = 6

@@ -123,7 +123,7 @@ def test_feature_statistics_streaming_save_load(tmp_path):
 DETERMINISM_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from mrrl.metrics import build_extractor
+    from mrrl.metrics.extractors import build_extractor
     torch.set_num_threads(1)
     torch.manual_seed(12345)  # a different global RNG state must not matter
     x = torch.linspace(-1, 1, 2 * 20 ** 3).reshape(2, 1, 20, 20, 20).sin()

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from mrrl.manifest import write_manifest
-from mrrl.report import discover_ablations, main, ppo_series, write_report
+from mrrl.report.build import write_report
+from mrrl.report.cli import main
+from mrrl.report.experiment import discover_ablations
+from mrrl.report.ppo import ppo_series
 
 CLASSES = ["HGG", "LGG"]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # enough to be a file the report links to
@@ -495,7 +498,7 @@ def test_table2_shows_intervals_floor_premises_and_verdicts(tmp_path: Path) -> N
 
     from mrrl.evaluation.calibration import premise_checks
     from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
-    from mrrl.report import build_report
+    from mrrl.report.build import build_report
 
     exp = tmp_path / "brats2019"
     cfg = config("brats2019")
@@ -533,3 +536,55 @@ def test_table2_shows_intervals_floor_premises_and_verdicts(tmp_path: Path) -> N
     assert "— RL better" in table2 and "Noise floor" in table2
     assert "| reconstruction FID rises with t | All |" in table2 and "pass ✓" in table2
     assert "**random2d**" in table2  # the ladder table
+
+
+def test_stage_rows_come_from_the_stage_registry(tmp_path: Path) -> None:
+    """The report lists the registry's pipeline stages, in pipeline order, and keeps no list of its own."""
+    import mrrl.report.experiment as experiment
+    from mrrl.manifest import PIPELINE_STAGES
+
+    assert experiment.PIPELINE_STAGES is PIPELINE_STAGES
+    exp = tmp_path / "empty"
+    exp.mkdir()
+    text = write_report(exp, ablations={}).read_text()
+    rows = re.findall(r"^\| `(\w+)` \| has not run \|", text, flags=re.M)
+    assert rows == list(PIPELINE_STAGES)
+    assert "Missing stages: " + ", ".join(f"`{s}`" for s in PIPELINE_STAGES) + " —" in text
+
+
+def test_manifests_are_read_through_manifest_py(tmp_path: Path) -> None:
+    from mrrl.manifest import try_read_manifest
+
+    exp = tmp_path / "exp"
+    write_manifest(exp / "vqgan", "vqgan", {"val": {}})
+    assert try_read_manifest(exp, "vqgan")[0]["outputs"] == {"val": {}}
+    assert try_read_manifest(exp, "vqgan")[1] == ""
+    assert try_read_manifest(exp, "diffusion") == (None, "has not run")
+    (exp / "ppo").mkdir()
+    (exp / "ppo" / "manifest.json").write_text('{"status": "running"}')
+    assert try_read_manifest(exp, "ppo") == (None, "did not finish")
+    (exp / "reward").mkdir()
+    (exp / "reward" / "manifest.json").write_text("[1, 2]")
+    manifest, why = try_read_manifest(exp, "reward")
+    assert manifest is None and why.startswith("has an unreadable manifest (a JSON list")
+    (exp / "evaluate").mkdir()
+    (exp / "evaluate" / "manifest.json").write_text("{oops")
+    assert try_read_manifest(exp, "evaluate")[1].startswith("has an unreadable manifest (")
+    text = write_report(exp, ablations={}).read_text()
+    assert "the `reward` stage has an unreadable manifest (a JSON list" in text
+    assert "the `ppo` stage did not finish" in text
+
+
+def test_paper_gap_uses_the_evaluate_stage_formula(full_report) -> None:
+    """The paper's gap closed is computed by the same gap_share as the evaluate stage's intervals."""
+    import mrrl.report.paper as paper
+    from mrrl.metrics.intervals import gap_share
+    from mrrl.utils.markdown import percent
+
+    _, text = full_report
+    published = paper.TABLE2["brats2019"]
+    expected = [
+        percent(gap_share(*v)) for v in zip(published["standard"], published["rl"], published["vqgan"])
+    ]
+    assert table_row(section(text, "Table 2").split("Paper (Table 2)")[1], "Gap closed by RL")[1:] == expected
+    assert expected[-1] == "47.9 %"  # the paper's headline: RL closes 47.9 % of the standard → limit gap

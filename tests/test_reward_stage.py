@@ -21,11 +21,11 @@ from helpers import compose_cfg, stage_dir
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
 from mrrl.reward.dataset import load_reward_dataset
-from mrrl.reward.evaluate import reward_metrics, score_dataset
 from mrrl.reward.format import RewardDataError
 from mrrl.reward.losses import pairwise_ranking_accuracy, pairwise_ranking_loss
 from mrrl.reward.maps import fid_to_reward
 from mrrl.reward.models import SliceRewardNet, build_reward_net, load_reward_model
+from mrrl.reward.ranking_metrics import reward_metrics, score_dataset
 from mrrl.reward.splits import ensure_split, split_reward_rows
 from mrrl.reward.writer import RewardDatasetWriter
 from mrrl.stages import reward as reward_stage

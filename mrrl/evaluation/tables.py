@@ -19,18 +19,12 @@ import torch
 
 from mrrl.evaluation.scores import ALL
 from mrrl.evaluation.sources import safe_name
+from mrrl.metrics.intervals import gap_share
+from mrrl.utils import markdown
 from mrrl.utils.io import atomic_write_text
+from mrrl.utils.markdown import md_table, percent
 
 PRDC_KEYS = ("precision", "recall", "density", "coverage")
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    value = float(value)
-    if value != 0 and abs(value) < 10**-digits:
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
 
 
 def columns(results: Mapping[str, Any]) -> list[str]:
@@ -50,26 +44,20 @@ def gap_closed(fid: Mapping[str, Mapping[str, float]], cols: Sequence[str]) -> d
         return None
     out: dict[str, float | None] = {}
     for c in cols:
-        std, rl, limit = fid["standard"].get(c), fid["rl"].get(c), fid["vqgan"].get(c)
-        if any(v is None or not math.isfinite(v) for v in (std, rl, limit)) or std - limit <= 0:
-            out[c] = None
-        else:
-            out[c] = 100.0 * (std - rl) / (std - limit)
+        values = (fid["standard"].get(c), fid["rl"].get(c), fid["vqgan"].get(c))
+        share = math.nan if None in values else gap_share(*values)
+        out[c] = share if math.isfinite(share) else None
     return out
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+def fmt(value: Any, digits: int = 3) -> str:
+    """Table 2's numbers: fixed decimals, scientific below the last decimal (KID, PR/DC near 0)."""
+    return markdown.fmt(value, digits, sci_small=True)
 
 
 def fmt_est(est: Mapping[str, float] | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
     """``0.412 [0.380, 0.455]``: a point value and its interval."""
-    if not est:
-        return "–"
-    value, low, high = (None if est.get(k) is None else scale * est[k] for k in ("value", "low", "high"))
-    return f"{fmt(value, digits)}{unit} [{fmt(low, digits)}, {fmt(high, digits)}]"
+    return markdown.fmt_interval(est, digits, scale=scale, unit=unit, sci_small=True)
 
 
 KID_SCALE = 1000.0  # KID values are small: shown ×10³
@@ -101,7 +89,7 @@ def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[st
             [m["label"], *(fmt_est(iv["scores"][metric][m["key"]].get(c), scale=scale) for c in cols)]
             for m in models
         ]
-        lines += _md_table([f"{metric.upper()}{' ×10³' if scale != 1 else ''}", *cols], body) + [""]
+        lines += md_table([f"{metric.upper()}{' ×10³' if scale != 1 else ''}", *cols], body) + [""]
     if iv.get("gap_closed"):
         body = []
         for metric in ("fid", "kid"):
@@ -119,7 +107,7 @@ def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[st
             "standard − RL):",
             "",
         ]
-        lines += _md_table(["Metric", *cols], body) + [""]
+        lines += md_table(["Metric", *cols], body) + [""]
         res = [
             f"{c} {fmt(0.5 * (iv['difference']['fid'][c]['high'] - iv['difference']['fid'][c]['low']))}"
             for c in cols
@@ -138,7 +126,7 @@ def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[st
         "mean and range over random splits):",
         "",
     ]
-    lines += _md_table(["Metric", *cols], body)
+    lines += md_table(["Metric", *cols], body)
     return lines
 
 
@@ -157,7 +145,7 @@ def calibration_section(results: Mapping[str, Any], heading: str = "##") -> list
             else:
                 numbers = f"gap {fmt_est(check['gap'])} vs floor ≤ {fmt(check['floor_high'])}"
             body.append([check["premise"], col, numbers, "pass ✓" if check["passed"] else "FAIL ✗"])
-    lines += _md_table(["Premise", "Column", "FID", "Result"], body)
+    lines += md_table(["Premise", "Column", "FID", "Result"], body)
     lines += [
         "",
         "A trend passes when its last point is beyond its first and no step reverses by more than the "
@@ -176,7 +164,7 @@ def calibration_section(results: Mapping[str, Any], heading: str = "##") -> list
                 else f"synthetic {info[n]['steps']} steps"
             )
             body.append([what, *(fmt_est(iv["scores"]["fid"][n][c]) for c in cols)])
-        lines += [f"**{ext}**", ""] + _md_table(["Volumes", *cols], body) + [""]
+        lines += [f"**{ext}**", ""] + md_table(["Volumes", *cols], body) + [""]
     return lines
 
 
@@ -202,10 +190,10 @@ def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
         body = [
             [m["label"], *(fmt(lookup.get((m["key"], name, c), {}).get("fid")) for c in cols)] for m in models
         ]
-        lines += _md_table(["Model", *cols], body)
+        lines += md_table(["Model", *cols], body)
         gap = results.get("gap_closed", {}).get(name)
         if gap is not None:
-            parts = ", ".join(f"{c} {'n/a' if v is None else f'{v:.1f} %'}" for c, v in gap.items())
+            parts = ", ".join(f"{c} {percent(v)}" for c, v in gap.items())
             lines += ["", f"gap closed by RL: {parts}"]
     lines += ["", f"## Precision / recall / density / coverage ({ALL})", ""]
     body = []
@@ -213,13 +201,13 @@ def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
         for m in models:
             row = lookup.get((m["key"], ext["name"], ALL), {})
             body.append([m["label"], ext["name"], *(fmt(row.get(k)) for k in PRDC_KEYS)])
-    lines += _md_table(["Model", "Extractor", *PRDC_KEYS], body)
+    lines += md_table(["Model", "Extractor", *PRDC_KEYS], body)
     lines += ["", "## MS-SSIM diversity (lower = more diverse)", ""]
     body = [[m["label"], *(fmt(m.get("diversity", {}).get(c)) for c in cols)] for m in models]
     real_div = results.get("real", {}).get("diversity")
     if real_div:
         body.append(["Real test set", *(fmt(real_div.get(c)) for c in cols)])
-    lines += _md_table(["Model", *cols], body)
+    lines += md_table(["Model", *cols], body)
     if results.get("missing"):
         lines += ["", "## Missing rows", ""]
         lines += [f"- {reason}" for reason in results["missing"].values()]

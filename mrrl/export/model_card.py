@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mrrl.manifest import manifest_path
+from mrrl.manifest import try_read_manifest
+from mrrl.utils.markdown import md_table
 
 TITLES = {"standard": "standard latent diffusion", "rl": "RL fine-tuned latent diffusion"}
 WARNING = (
@@ -19,12 +20,7 @@ WARNING = (
 
 
 def _manifest(experiment_dir: Path, stage: str) -> dict[str, Any] | None:
-    path = manifest_path(experiment_dir, stage)
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return payload if payload.get("status") == "complete" else None
+    return try_read_manifest(experiment_dir, stage)[0]
 
 
 def _fmt(value: Any) -> str:
@@ -66,12 +62,7 @@ def table2_rows(experiment_dir: Path, ckpt: str, row_key: str | None) -> list[st
     if model is None:
         return ["The evaluate stage has no row for this checkpoint."]
     classes = [*metrics.get("classes", []), "All"]
-    lines = [
-        f"Table 2 row **{model['label']}** ({metrics.get('split')} split, n per class {model.get('n_per_class')}):",
-        "",
-        "| extractor | " + " | ".join(classes) + " |",
-        "|---" * (len(classes) + 1) + "|",
-    ]
+    rows = []
     for extractor in metrics.get("extractors", []):
         cells = []
         for c in classes:
@@ -87,8 +78,12 @@ def table2_rows(experiment_dir: Path, ckpt: str, row_key: str | None) -> list[st
             )
             extra = [f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith("fid") and k != "fid"]
             cells.append(_fmt(row.get("fid")) + (f" ({', '.join(extra)})" if extra else ""))
-        lines.append(f"| {extractor['name']} FID | " + " | ".join(cells) + " |")
-    return lines
+        rows.append([f"{extractor['name']} FID", *cells])
+    return [
+        f"Table 2 row **{model['label']}** ({metrics.get('split')} split, n per class {model.get('n_per_class')}):",
+        "",
+        *md_table(["extractor", *classes], rows, align="l" * (len(classes) + 1)),
+    ]
 
 
 def reward_lines(experiment_dir: Path) -> list[str]:

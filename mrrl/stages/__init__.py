@@ -8,19 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from mrrl.errors import ConfigError
+from mrrl.manifest import ON_DEMAND_STAGES, PIPELINE_STAGES
 
-STAGES: dict[str, str] = {  # every stage; the pipeline ones in pipeline order
-    "check_data": "mrrl.stages.check_data",
-    "vqgan": "mrrl.stages.vqgan",
-    "diffusion": "mrrl.stages.diffusion",
-    "reward_data": "mrrl.stages.reward_data",
-    "reward": "mrrl.stages.reward",
-    "ppo": "mrrl.stages.ppo",
-    "evaluate": "mrrl.stages.evaluate",
-    "classify": "mrrl.stages.classify",
-    "export": "mrrl.stages.export",  # on demand only: in no experiment's pipeline.stages
-}
-PIPELINE_STAGES = tuple(s for s in STAGES if s != "export")  # what a full pipeline runs, in order
+__all__ = ["ON_DEMAND_STAGES", "PIPELINE_STAGES", "STAGES", "get_stage"]
+
+# Every stage: the pipeline ones in pipeline order, then the on-demand ones (in no experiment's pipeline).
+STAGES: dict[str, str] = {name: f"mrrl.stages.{name}" for name in (*PIPELINE_STAGES, *ON_DEMAND_STAGES)}
 
 
 def get_stage(name: str) -> Callable[[Any, Path], dict[str, Any] | None]:

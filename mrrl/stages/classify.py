@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from mrrl.classify.metrics import aggregate, binary_metrics, difference_verdict, paired_difference
 from mrrl.classify.model import MONITORS, build_classifier
 from mrrl.classify.protocols import Protocol, SyntheticVolumes, discover_protocols, generation_settings
-from mrrl.classify.report import write_tables
 from mrrl.classify.runner import RunContext, choose_monitor, data_identity, execute, finished_result, run_key
+from mrrl.classify.tables import write_tables
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks

@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import is_complete, read_manifest, write_manifest
 from mrrl.reward.dataset import RewardDataset, load_reward_dataset
-from mrrl.reward.evaluate import group_table, reward_metrics, score_dataset, write_group_report
 from mrrl.reward.losses import RANKING_LOSSES
 from mrrl.reward.models import KINDS, load_reward_model
 from mrrl.reward.module import MONITORS, RewardDataModule, RewardModule
+from mrrl.reward.ranking_metrics import group_table, reward_metrics, score_dataset, write_group_report
 from mrrl.reward.splits import SPLIT_FILE, ensure_split
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit, last_checkpoint

@@ -43,6 +43,7 @@ from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import already_finished
 from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.markdown import fmt, fmt_fid, md_table
 from mrrl.vqgan.loading import load_vqgan
 
 log = logging.getLogger(__name__)
@@ -227,19 +228,18 @@ def _fid_plot(
 
 
 def _summary_table(groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], extractor: str) -> str:
+    header = ["group", "trajectory", "steps", "class", "volumes", "FID", "reward"]
+    rows = [
+        [g["group"], g["trajectory"], g["steps"], g["class"], g["count"], fmt_fid(g["fid"]), fmt(g["reward"])]
+        for g in groups
+    ]
+    limit = ", ".join(f"{c} {fmt_fid(v)}" for c, v in limits.items())
     lines = [
         f"# Reward data: FID per group ({extractor})",
         "",
-        "| group | trajectory | steps | class | volumes | FID | reward |",
-        "|---|---|---|---|---|---|---|",
+        *md_table(header, rows, align="l" * len(header)),
     ]
-    for g in groups:
-        lines.append(
-            f"| {g['group']} | {g['trajectory']} | {g['steps']} | {g['class']} | {g['count']} | "
-            f"{g['fid']:.4g} | {g['reward']:.3f} |"
-        )
-    lines += ["", "VQGAN reconstruction limit: " + ", ".join(f"{c} {v:.4g}" for c, v in limits.items()), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"VQGAN reconstruction limit: {limit}", ""])
 
 
 def compute_rewards(fids: Mapping[str, float], groups: Sequence[Group], method: str, tau, scope: str):

@@ -1,4 +1,5 @@
-"""Score a trained regressor on a split; per-group table (CSV) and predicted-vs-true plot (PNG)."""
+"""How well a reward model ranks: score a trained regressor on a split, its MSE / Spearman / pairwise ranking
+accuracy, and the per-group report (``group_scores.csv``, predicted-vs-true plot ``group_scores.png``)."""
 
 from __future__ import annotations
 

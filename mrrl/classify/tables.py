@@ -11,32 +11,7 @@ from typing import Any
 
 from mrrl.classify.metrics import METRIC_LABELS, METRICS
 from mrrl.utils.io import atomic_write_text
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def mean_pm_std(stats: Mapping[str, float]) -> str:
-    """``0.710 ± 0.020``; one seed has no std and shows the mean alone."""
-    mean, std = stats.get("mean"), stats.get("std")
-    if std is None or not math.isfinite(std):
-        return fmt(mean)
-    return f"{fmt(mean)} ± {fmt(std)}"
-
-
-def fmt_difference(est: Mapping[str, float]) -> str:
-    """``+0.050 [-0.010, +0.110]``."""
-
-    def signed(v):
-        return "–" if v is None or not math.isfinite(v) else f"{v:+.3f}"
-
-    return f"{signed(est.get('value'))} [{signed(est.get('low'))}, {signed(est.get('high'))}]"
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+from mrrl.utils.markdown import fmt, fmt_difference, fmt_pm, md_table
 
 
 def render_markdown(results: Mapping[str, Any], title: str) -> str:
@@ -51,10 +26,8 @@ def render_markdown(results: Mapping[str, Any], title: str) -> str:
         "Mean ± sample standard deviation (ddof = 1) over the seeds of each row.",
         "",
     ]
-    body = [
-        [r["label"], str(len(r["seeds"])), *(mean_pm_std(r["metrics"][m]) for m in METRICS)] for r in rows
-    ]
-    lines += _md_table(["Protocol", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
+    body = [[r["label"], str(len(r["seeds"])), *(fmt_pm(r["metrics"][m]) for m in METRICS)] for r in rows]
+    lines += md_table(["Protocol", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
     if results.get("paired"):
         lines += [
             "",
@@ -73,7 +46,7 @@ def render_markdown(results: Mapping[str, Any], title: str) -> str:
             ]
             for pair in results["paired"]
         ]
-        lines += _md_table(["Difference", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
+        lines += md_table(["Difference", "Seeds", *(METRIC_LABELS[m] for m in METRICS)], body)
     if results["missing"]:
         lines += ["", "## Missing protocols", ""]
         lines += [f"- {why}" for why in results["missing"].values()]
@@ -83,7 +56,7 @@ def render_markdown(results: Mapping[str, Any], title: str) -> str:
         for r in rows
         for run in r["runs"]
     ]
-    lines += _md_table(["Protocol", "Seed", *(METRIC_LABELS[m] for m in METRICS), "Best epoch"], per_seed)
+    lines += md_table(["Protocol", "Seed", *(METRIC_LABELS[m] for m in METRICS), "Best epoch"], per_seed)
     return "\n".join(lines) + "\n"
 
 
