@@ -218,7 +218,9 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     use_ema = bool(cfg.stage.get("use_ema", True))
     for row in DEFAULT_ROWS:
         override = cfg.stage.get(row.override)
-        ckpt_keys = PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else CHECKPOINT_KEYS[row.stage]
+        ckpt_keys = (
+            PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else CHECKPOINT_KEYS[row.stage]
+        )
         keys = [k for k in ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
         option = f"stage.{row.override}"
         try:

@@ -253,7 +253,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     loaded, vqgan, vqgan_ckpt = load_diffusion_with_vqgan(
         diffusion_ckpt,
         vqgan_ckpt=vqgan_ckpt,
-        fallback_vqgan=lambda: resolve_checkpoint(None, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt"),
+        fallback_vqgan=lambda: resolve_checkpoint(
+            None, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt"
+        ),
         device=device,
     )
     if list(loaded.class_names) != datamodule.class_names:
