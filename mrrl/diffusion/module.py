@@ -157,6 +157,8 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         if settings is None:
             settings = from_config(DiffusionSettings, hyper_parameters, "hyper_parameters")
+        elif hyper_parameters:
+            raise TypeError(f"pass settings or its fields, not both (got {sorted(hyper_parameters)})")
         self.settings = settings
         self.speed = SpeedOptions.from_config(speed)
         self.save_hyperparameters(
