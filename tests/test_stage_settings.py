@@ -25,6 +25,7 @@ from mrrl.errors import ConfigError, ManifestError, MissingPathError
 from mrrl.manifest import resolve_checkpoint, write_manifest
 from mrrl.settings import field_names, from_config
 from mrrl.stages import diffusion as diffusion_stage
+from mrrl.stages import vqgan as vqgan_stage
 from mrrl.vqgan.module import VQGANModule, VQGANSettings
 
 EXPERIMENTS = [None, *options("experiment")]
@@ -38,7 +39,7 @@ def _stage_cfg(stage: str, experiment: str | None, tmp_path: Path, *extra: str):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_settings_build_from_every_experiment(experiment: str | None, tmp_path: Path) -> None:
     vq = _stage_cfg("vqgan", experiment, tmp_path)
-    vq_settings = from_config(VQGANSettings, vq.stage, "stage")
+    vq_settings = vqgan_stage.settings(vq)
     assert vq_settings.net.channels == list(vq.stage.net.channels)
     assert vq_settings.loss.perceptual.network == vq.stage.loss.perceptual.network
     assert vq_settings.optim.lr_g == vq.stage.optim.lr_g
@@ -102,9 +103,9 @@ def test_a_missing_key_is_a_one_line_config_error(stage: str, key: str, tmp_path
     ) as err:
         from_config(cls, cfg.stage, "stage")
     assert "\n" not in str(err.value)
-    if stage == "diffusion":  # the stage checks before any training
-        with pytest.raises(ConfigError, match=key.replace(".", "[.]")):
-            diffusion_stage.check_config(cfg, (8, 8, 8, 8))
+    check = vqgan_stage.check_config if stage == "vqgan" else diffusion_stage.check_config
+    with pytest.raises(ConfigError, match=key.replace(".", "[.]")):  # before any data or training
+        check(cfg, (1, 32, 32, 32) if stage == "vqgan" else (8, 8, 8, 8))
 
 
 def test_modules_rebuild_their_settings_from_checkpoint_hyper_parameters(tmp_path: Path) -> None:

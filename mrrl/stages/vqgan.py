@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- runner
 
 
+def settings(cfg: DictConfig) -> VQGANSettings:
+    """The model's settings from ``cfg.stage`` (every key from the YAML; a missing one is a ConfigError)."""
+    return from_config(VQGANSettings, cfg.stage, "stage")
+
+
 def check_config(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
-    from_config(VQGANSettings, cfg.stage, "stage")  # a missing key fails before any data is read
+    settings(cfg)  # a missing key fails before any data is read
     SpeedOptions.from_config(cfg.stage.speed)  # so do bad speed values
     factor = int(cfg.stage.net.downsample_factor)
     if any(s % factor for s in image_shape[1:]):
@@ -49,9 +54,7 @@ def check_config(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
 
 
 def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VQGANModule:
-    return VQGANModule(
-        tuple(image_shape), from_config(VQGANSettings, cfg.stage, "stage"), speed=cfg.stage.speed
-    )
+    return VQGANModule(tuple(image_shape), settings(cfg), speed=cfg.stage.speed)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
