@@ -33,6 +33,21 @@ MIB = 1024 * 1024
 JSON_PREFIX = "BENCHMARK_RESULT "
 
 
+def stage_settings(cls: type, stage: str, overrides: dict[str, Any]) -> Any:
+    """Settings ``cls`` (e.g. ``VQGANSettings``) of ``mrrl stage=<stage>`` as Hydra composes them, with the
+    benchmark's sizes merged over the YAML (the only source of the other defaults)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mrrl.cli import CONFIG_DIR
+    from mrrl.settings import from_config
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"stage={stage}"])
+    node = OmegaConf.merge(OmegaConf.to_container(cfg.stage, resolve=True), overrides)
+    return from_config(cls, node, "stage")
+
+
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """``--channels-last``, ``--grad-ckpt``, ``--compile [BACKEND]``, ``--compile-mode``: the ``stage.speed``
     options (``mrrl/training/speed.py``), applied through the stage's own module."""

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import PeakMemory, add_speed_arguments, speed_config, speed_label
+from _common import PeakMemory, add_speed_arguments, speed_config, speed_label, stage_settings
 
 from mrrl.diffusion.generate import generate_volumes
-from mrrl.diffusion.module import DiffusionModule
+from mrrl.diffusion.module import DiffusionModule, DiffusionSettings
 from mrrl.diffusion.unet import DenoiserModel
 from mrrl.vqgan.networks import VQGAN
 
@@ -131,26 +131,16 @@ def build(
         .requires_grad_(False)
     )
     latent_shape = (8, *(image_size // 4,) * 3)
+    unet = {
+        "channels": preset["unet_channels"],
+        "attention_levels": preset["attention"],
+        "num_res_blocks": 2,
+        "num_head_channels": preset["head_channels"],
+        "norm_num_groups": preset["norm_groups"],
+    }
+    settings = stage_settings(DiffusionSettings, "diffusion", {"unet": unet})
     module = DiffusionModule(
-        latent_shape=latent_shape,
-        class_names=["class0", "class1"],
-        unet={
-            "channels": preset["unet_channels"],
-            "attention_levels": preset["attention"],
-            "num_res_blocks": 2,
-            "num_head_channels": preset["head_channels"],
-            "norm_num_groups": preset["norm_groups"],
-        },
-        schedule={
-            "num_train_timesteps": 1000,
-            "schedule": "linear_beta",
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-            "set_alpha_to_one": False,
-        },
-        ema={"decay": 0.9999},
-        optim={"lr": 1e-4},
-        speed=speed,
+        latent_shape, ["class0", "class1"], settings, vqgan_ckpt=None, seed=0, speed=speed
     ).to(device)
     module.set_scale_factor(1.0)
     return vqgan, module, latent_shape

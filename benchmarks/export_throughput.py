@@ -66,40 +66,30 @@ def _randomise_zero_params(module: torch.nn.Module) -> None:
 
 
 def checkpoints(folder: Path, preset: dict, size: int) -> dict[str, str]:
-    from mrrl.diffusion.module import DiffusionModule
-    from mrrl.vqgan.module import VQGANModule
+    from _common import stage_settings
 
-    torch.manual_seed(0)
-    vq = VQGANModule(
-        image_shape=(1, size, size, size),
-        net={"channels": preset["vq_channels"], "num_res_blocks": 2, "codebook_size": 512, "codebook_dim": 8},
-        discriminator={"channels": 8, "num_layers": 2},
-        loss={"adv_start_step": 0},
-        optim={"lr_g": 1e-4, "lr_d": 1e-4},
+    from mrrl.diffusion.module import DiffusionModule, DiffusionSettings
+    from mrrl.vqgan.module import VQGANModule, VQGANSettings
+
+    net = {"channels": preset["vq_channels"], "num_res_blocks": 2, "codebook_size": 512, "codebook_dim": 8}
+    vq_settings = stage_settings(
+        VQGANSettings, "vqgan", {"net": net, "discriminator": {"channels": 8, "num_layers": 2}}
     )
+    levels = len(preset["unet_channels"])
+    unet = {
+        "channels": preset["unet_channels"],
+        "attention_levels": [False] * (levels - 1) + [True],
+        "num_res_blocks": 2,
+        "num_head_channels": preset["head_channels"],
+        "norm_num_groups": preset["norm_groups"],
+    }
+    diff_settings = stage_settings(DiffusionSettings, "diffusion", {"unet": unet})
+    torch.manual_seed(0)
+    vq = VQGANModule((1, size, size, size), vq_settings)
     vq_path = folder / "vqgan.ckpt"
     torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, vq_path)
-    levels = len(preset["unet_channels"])
     diff = DiffusionModule(
-        latent_shape=(8, size // 4, size // 4, size // 4),
-        class_names=["HGG", "LGG"],
-        unet={
-            "channels": preset["unet_channels"],
-            "attention_levels": [False] * (levels - 1) + [True],
-            "num_res_blocks": 2,
-            "num_head_channels": preset["head_channels"],
-            "norm_num_groups": preset["norm_groups"],
-        },
-        schedule={
-            "num_train_timesteps": 1000,
-            "schedule": "linear_beta",
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-            "set_alpha_to_one": False,
-        },
-        ema={"decay": 0.9999},
-        optim={"lr": 1e-4},
-        vqgan_ckpt=str(vq_path),
+        (8, size // 4, size // 4, size // 4), ["HGG", "LGG"], diff_settings, vqgan_ckpt=str(vq_path), seed=0
     )
     _randomise_zero_params(diff.denoiser.unet)
     diff.ema.unet.load_state_dict(diff.denoiser.unet.state_dict())

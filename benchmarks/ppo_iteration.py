@@ -116,37 +116,26 @@ def _nonzero_outputs(module: torch.nn.Module) -> None:
 
 def build_checkpoints(preset: dict, size: int, folder: Path) -> tuple[str, str]:
     """Random-weight VQGAN and diffusion checkpoints in the stages' formats."""
-    from mrrl.diffusion.module import DiffusionModule
-    from mrrl.vqgan.module import VQGANModule
+    from _common import stage_settings
 
-    vq = VQGANModule(
-        image_shape=(1, size, size, size),
-        net={
-            "channels": preset["vq_channels"],
-            "num_res_blocks": preset["vq_res_blocks"],
-            "codebook_size": 512,
-            "codebook_dim": 8,
-        },
-        discriminator={"channels": 8, "num_layers": 2},
-        loss={"adv_start_step": 0},
-        optim={"lr_g": 1e-4, "lr_d": 1e-4},
+    from mrrl.diffusion.module import DiffusionModule, DiffusionSettings
+    from mrrl.vqgan.module import VQGANModule, VQGANSettings
+
+    net = {
+        "channels": preset["vq_channels"],
+        "num_res_blocks": preset["vq_res_blocks"],
+        "codebook_size": 512,
+        "codebook_dim": 8,
+    }
+    vq_settings = stage_settings(
+        VQGANSettings, "vqgan", {"net": net, "discriminator": {"channels": 8, "num_layers": 2}}
     )
+    diff_settings = stage_settings(DiffusionSettings, "diffusion", {"unet": preset["unet"]})
+    vq = VQGANModule((1, size, size, size), vq_settings)
     vq_path = folder / "vqgan.ckpt"
     torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, vq_path)
     diff = DiffusionModule(
-        latent_shape=(8, size // 4, size // 4, size // 4),
-        class_names=CLASSES,
-        unet=preset["unet"],
-        schedule={
-            "num_train_timesteps": 1000,
-            "schedule": "linear_beta",
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-            "set_alpha_to_one": False,
-        },
-        ema={"decay": 0.999},
-        optim={"lr": 1e-4},
-        vqgan_ckpt=str(vq_path),
+        (8, size // 4, size // 4, size // 4), CLASSES, diff_settings, vqgan_ckpt=str(vq_path), seed=0
     )
     _nonzero_outputs(diff.denoiser.unet)
     diff.ema.unet.load_state_dict(diff.denoiser.unet.state_dict())

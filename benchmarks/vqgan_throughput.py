@@ -25,7 +25,6 @@ both discriminators; the untimed warm-up steps absorb the compilation). Run once
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from _common import (
@@ -36,10 +35,10 @@ from _common import (
     run_benchmark,
     speed_config,
     speed_label,
+    stage_settings,
     step_result,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 CASES = ("warmup", "adversarial")
 PRESETS = {
     # DESIGN defaults: 64³, ×4 downsampling, codebook 512 × 8, 3-layer patch discriminators.
@@ -79,25 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_module(preset: dict, image_size: int, adversarial: bool, speed: dict | None = None):
-    from omegaconf import OmegaConf
+    from mrrl.vqgan.module import VQGANModule, VQGANSettings
 
-    from mrrl.vqgan.module import VQGANModule
-
-    stage = OmegaConf.load(REPO / "conf" / "stage" / "vqgan.yaml")
-    stage = OmegaConf.merge(stage, {"net": preset["net"], "discriminator": preset["discriminator"]})
-    stage.loss.adv_start_step = 0 if adversarial else 10**9
-    if speed is not None:
-        stage = OmegaConf.merge(stage, {"speed": speed})
-    cfg = OmegaConf.to_container(stage, resolve=True)
-    assert isinstance(cfg, dict)
-    return VQGANModule(
-        image_shape=(1, image_size, image_size, image_size),
-        net=cfg["net"],
-        discriminator=cfg["discriminator"],
-        loss=cfg["loss"],
-        optim=cfg["optim"],
-        speed=cfg["speed"],
-    )
+    overrides = {
+        "net": preset["net"],
+        "discriminator": preset["discriminator"],
+        "loss": {"adv_start_step": 0 if adversarial else 10**9},
+    }
+    settings = stage_settings(VQGANSettings, "vqgan", overrides)
+    return VQGANModule((1, image_size, image_size, image_size), settings, speed=speed)
 
 
 def run_case(args: argparse.Namespace) -> dict:

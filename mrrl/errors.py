@@ -11,3 +11,7 @@ class ConfigError(MrrlError, ValueError):
 
 class ManifestError(MrrlError, FileNotFoundError):
     """A previous stage's output (manifest, checkpoint) is missing or incomplete."""
+
+
+class MissingPathError(ConfigError, ManifestError):
+    """A path given in the config names no file: a value to fix and a missing input at once."""

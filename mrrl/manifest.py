@@ -1,7 +1,8 @@
 """Stage manifests: the small JSON each stage writes last, and the next stage reads to find its inputs.
 
 A manifest is written atomically and only when the stage has finished, so its presence with
-``status == "complete"`` means every file it names is complete.
+``status == "complete"`` means every file it names is complete. :func:`resolve_checkpoint` is how a stage
+finds the checkpoint it reads: the path given in its config, else the upstream stage's manifest.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mrrl.errors import ManifestError
+from mrrl.errors import ManifestError, MissingPathError
 from mrrl.utils.io import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
@@ -21,6 +22,13 @@ MANIFEST_NAME = "manifest.json"
 # name to its script; the report reads the manifests in this order). Export runs on demand only.
 PIPELINE_STAGES = ("check_data", "vqgan", "diffusion", "reward_data", "reward", "ppo", "evaluate", "classify")
 ON_DEMAND_STAGES = ("export",)
+
+# The checkpoints a stage's manifest offers to the next stages, preferred first (ema.pt holds EMA weights only).
+CHECKPOINT_KEYS: dict[str, tuple[str, ...]] = {
+    "vqgan": ("best_ckpt", "last_ckpt"),
+    "diffusion": ("ema_ckpt", "best_ckpt", "last_ckpt"),
+    "ppo": ("final_ckpt", "last_ckpt"),
+}
 
 
 def write_manifest(run_dir: str | Path, stage: str, outputs: Mapping[str, Any], config: Any = None) -> Path:
@@ -92,3 +100,44 @@ def try_read_manifest(experiment_dir: str | Path, stage: str) -> tuple[dict[str,
     if payload.get("status") != "complete":
         return None, "did not finish"
     return payload, ""
+
+
+def resolve_checkpoint(
+    value: str | Path | None,
+    experiment_dir: str | Path,
+    stage: str,
+    option: str,
+    keys: Sequence[str] | None = None,
+) -> str:
+    """The checkpoint a stage reads: ``value`` (a path from the config, e.g. ``stage.vqgan_ckpt``) if given,
+    else the first of ``keys`` (default ``CHECKPOINT_KEYS[stage]``) that ``stage``'s manifest names.
+
+    ``option`` is the config key of ``value``; every error is one line naming it and the command to run:
+    :class:`~mrrl.errors.MissingPathError` for a given path that does not exist, ``ManifestError`` for a
+    missing or unfinished manifest and for a manifest whose checkpoint is gone.
+    """
+    keys = CHECKPOINT_KEYS[stage] if keys is None else keys
+    if value:
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            raise MissingPathError(
+                f"{option}={value} does not exist: pass the path of a `mrrl stage={stage}` checkpoint "
+                f"(e.g. <run>/{stage}/checkpoints/best.ckpt)"
+            )
+        return str(path)
+    how = f"run `mrrl stage={stage}` with the same experiment first, or pass {option}=<path>"
+    outputs = read_manifest(experiment_dir, stage, hint=how)["outputs"]
+    where = manifest_path(experiment_dir, stage)
+    for key in keys:
+        if outputs.get(key):
+            path = Path(outputs[key])
+            if not path.is_file():
+                raise ManifestError(
+                    f"{where} names {key}={path}, which does not exist: rerun `mrrl stage={stage}` "
+                    f"or pass {option}=<path>"
+                )
+            return str(path)
+    raise ManifestError(
+        f"{where} names no checkpoint (looked for {', '.join(keys)}): rerun `mrrl stage={stage}` "
+        f"or pass {option}=<path>"
+    )

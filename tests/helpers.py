@@ -61,45 +61,60 @@ def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 1
     import torch
 
     from mrrl.diffusion.module import DiffusionModule
-    from mrrl.vqgan.module import VQGANModule
+    from mrrl.settings import from_config
+    from mrrl.stages import diffusion as diffusion_stage
+    from mrrl.vqgan.module import VQGANModule, VQGANSettings
 
+    vq_cfg = compose_cfg(
+        [
+            "stage=vqgan",
+            "stage.net.channels=[8,16]",
+            "stage.net.num_res_blocks=1",
+            "stage.net.codebook_size=16",
+            "stage.net.codebook_dim=2",
+            "stage.discriminator.channels=8",
+            "stage.discriminator.num_layers=2",
+            "stage.discriminator.norm=BATCH",  # the discriminator these checkpoints always had
+            "stage.loss.adv_start_step=0",
+            "stage.optim.lr_g=1e-3",
+            "stage.optim.lr_d=1e-3",
+        ],
+        root,
+    )
+    diff_cfg = compose_cfg(
+        [
+            "stage=diffusion",
+            "stage.unet.channels=[8,8]",
+            "stage.unet.attention_levels=[false,false]",
+            "stage.unet.num_res_blocks=1",
+            "stage.unet.num_head_channels=8",
+            "stage.unet.norm_num_groups=8",
+            "stage.ema.decay=0.999",
+            "stage.optim.lr=1e-3",
+        ],
+        root,
+    )
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     vq = VQGANModule(
-        image_shape=(1, image_size, image_size, image_size),
-        net={"channels": [8, 16], "num_res_blocks": 1, "codebook_size": 16, "codebook_dim": 2},
-        discriminator={"channels": 8, "num_layers": 2},
-        loss={"adv_start_step": 0},
-        optim={"lr_g": 1e-3, "lr_d": 1e-3},
+        (1, image_size, image_size, image_size), from_config(VQGANSettings, vq_cfg.stage, "stage")
     )
     vq_path = root / "vqgan.ckpt"
     torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, vq_path)
     diff = DiffusionModule(
-        latent_shape=(2, image_size // 4, image_size // 4, image_size // 4),
-        class_names=list(class_names),
-        unet={
-            "channels": [8, 8],
-            "attention_levels": [False, False],
-            "num_res_blocks": 1,
-            "num_head_channels": 8,
-            "norm_num_groups": 8,
-        },
-        schedule={
-            "num_train_timesteps": 1000,
-            "schedule": "linear_beta",
-            "prediction_type": "epsilon",
-            "steps_offset": 1,
-            "set_alpha_to_one": False,
-        },
-        ema={"decay": 0.999},
-        optim={"lr": 1e-3},
+        (2, image_size // 4, image_size // 4, image_size // 4),
+        list(class_names),
+        diffusion_stage.settings(diff_cfg),
         vqgan_ckpt=str(vq_path),
+        seed=0,
     )
     _randomise_zero_params(diff.denoiser.unet)
     diff.ema.unet.load_state_dict(diff.denoiser.unet.state_dict())
     diff.set_scale_factor(1.0)
     diff_path = root / "diffusion.ckpt"
-    torch.save({"hyper_parameters": dict(diff.hparams), "state_dict": diff.state_dict()}, diff_path)
+    # No recorded sampler, as in checkpoints written before the stage recorded one (tests/test_ppo.py reads it).
+    hparams = {**dict(diff.hparams), "sampling": None}
+    torch.save({"hyper_parameters": hparams, "state_dict": diff.state_dict()}, diff_path)
     return {"vqgan": str(vq_path), "diffusion": str(diff_path)}
 
 

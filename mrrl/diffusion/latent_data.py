@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,17 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class LatentDataSettings:
+    """The loader keys of conf/stage/diffusion.yaml (``stage.batch_size`` ...); null batch sizes: the data's."""
+
+    batch_size: int | None
+    eval_batch_size: int | None
+    balanced: bool
+    num_workers: int
+    val_seed: int
+
+
 class LatentDataModule(L.LightningDataModule):
     """The latent cache of the VQGAN stage: train split to train on, val split to validate on.
 
@@ -86,12 +98,12 @@ class LatentDataModule(L.LightningDataModule):
         self,
         latent_path: str | Path,
         batch_size: int,
-        eval_batch_size: int | None = None,
-        balanced: bool = True,
-        num_val_timesteps: int = 4,
-        val_seed: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
+        eval_batch_size: int | None,
+        balanced: bool,
+        num_val_timesteps: int,
+        val_seed: int,
+        seed: int,
+        num_workers: int,
     ):
         super().__init__()
         self.latent_path = Path(latent_path)

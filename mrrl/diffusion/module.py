@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from mrrl.diffusion.latent_data import LatentDataModule
 from mrrl.diffusion.sampling import randn, scale_factor_from_moments
 from mrrl.diffusion.unet import DenoiserModel
 from mrrl.errors import ConfigError, ManifestError
+from mrrl.settings import from_config
 from mrrl.training.speed import (
     SpeedOptions,
     enable_activation_checkpointing,
@@ -47,6 +50,93 @@ def lr_lambda(warmup_steps: int, total_steps: int | None, kind: str, min_ratio: 
     return factor
 
 
+# ---------------------------------------------------------------------------------------------- settings
+# Frozen dataclasses mirroring conf/stage/diffusion.yaml (its groups and the flat generation and validation
+# keys); the YAML holds every default. A checkpoint stores them as plain dicts in its ``hyper_parameters``,
+# where ``unet``, ``schedule``, ``cfg_dropout`` and ``sampling`` are also what ``load_diffusion`` reads.
+
+
+@dataclass(frozen=True)
+class UNetSettings:
+    """``stage.unet``: MONAI's 3D ``DiffusionModelUNet`` (``mrrl.diffusion.unet.build_unet`` arguments)."""
+
+    channels: list[int]
+    attention_levels: list[bool]
+    num_res_blocks: int
+    num_head_channels: int
+    norm_num_groups: int
+    use_flash_attention: bool
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """``stage.schedule``: the noise schedule (``mrrl.diffusion.generate.schedule_from_config``)."""
+
+    num_train_timesteps: int
+    schedule: str
+    prediction_type: str
+    steps_offset: int
+    set_alpha_to_one: bool
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EMASettings:
+    """``stage.ema``: the EMA copy of the weights (see ``DiffusionModule.ema_decay``)."""
+
+    decay: float
+    start_step: int
+    warmup: bool
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """``stage.optim``: AdamW with linear warm-up, then constant or cosine learning rate."""
+
+    lr: float
+    betas: list[float]
+    weight_decay: float
+    eps: float
+    warmup_steps: int
+    scheduler: str
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """What conf/stage/diffusion.yaml says about the model: ``from_config(DiffusionSettings, cfg.stage, "stage")``."""
+
+    unet: UNetSettings
+    schedule: ScheduleSettings
+    ema: EMASettings
+    optim: OptimSettings
+    cfg_dropout: float  # classifier-free guidance: label dropout in training
+    guidance_scale: float
+    # generation defaults, recorded in the checkpoint (``sampling``) and the manifest for later stages
+    sampler: str
+    inference_steps: int
+    eta: float
+    sample_batch_size: int
+    decode_quantize: bool
+    # validation
+    val_timesteps: list[int]
+    val_sampling_steps: int
+    val_samples_per_class: int
+    sample_every_n_epochs: int
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The generation defaults in the checkpoint's ``sampling`` format (what evaluate/export/classify read)."""
+        return {
+            "sampler": self.sampler,
+            "num_steps": self.inference_steps,
+            "eta": self.eta,
+            "guidance_scale": self.guidance_scale,
+            "batch_size": self.sample_batch_size,
+            "decode_quantize": self.decode_quantize,
+        }
+
+
 class DiffusionModule(L.LightningModule):
     """The class-conditional latent denoiser, its EMA copy and the latent scale factor."""
 
@@ -54,23 +144,34 @@ class DiffusionModule(L.LightningModule):
         self,
         latent_shape: Sequence[int],
         class_names: Sequence[str],
-        unet: Mapping[str, Any],
-        schedule: Mapping[str, Any],
-        ema: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        cfg_dropout: float = 0.0,
-        guidance_scale: float = 1.0,
-        val_timesteps: Sequence[int] = (100, 400, 700, 950),
-        val_sampling_steps: int = 50,
-        val_samples_per_class: int = 2,
-        sample_every_n_epochs: int = 0,
-        sampling: Mapping[str, Any] | None = None,
-        vqgan_ckpt: str | None = None,
-        seed: int = 0,
-        speed: Mapping[str, Any] | None = None,
+        settings: DiffusionSettings | None = None,
+        *,
+        vqgan_ckpt: str | None,
+        seed: int,
+        speed: SpeedOptions | Mapping[str, Any] | None = None,
+        **hyper_parameters: Any,
     ):
+        """``settings`` from the stage; ``load_from_checkpoint`` passes its fields instead, as the plain dicts of
+        the checkpoint's (flat) hyper-parameters. ``vqgan_ckpt``: the VQGAN whose latents these are (sample
+        figures; later stages decode with it). ``speed``: ``stage.speed`` (None: every option off)."""
         super().__init__()
-        self.save_hyperparameters()
+        if settings is None:
+            settings = from_config(DiffusionSettings, hyper_parameters, "hyper_parameters")
+        elif hyper_parameters:
+            raise TypeError(f"pass settings or its fields, not both (got {sorted(hyper_parameters)})")
+        self.settings = settings
+        self.speed = SpeedOptions.from_config(speed)
+        self.save_hyperparameters(
+            {
+                "latent_shape": [int(s) for s in latent_shape],
+                "class_names": list(class_names),
+                **dataclasses.asdict(settings),
+                "sampling": settings.sampling,
+                "vqgan_ckpt": vqgan_ckpt,
+                "seed": int(seed),
+                "speed": self.speed.to_dict(),
+            }
+        )
         self.denoiser: DenoiserModel = denoiser_from_hparams(self.hparams)
         self.ema = DenoiserModel(
             copy.deepcopy(self.denoiser.unet), self.denoiser.schedule, self.denoiser.null_label
@@ -78,11 +179,8 @@ class DiffusionModule(L.LightningModule):
         self.ema.requires_grad_(False)
         # 1 / std of the (unscaled) training latents; 0 until fit start sets it (or a checkpoint restores it).
         self.register_buffer("scale_factor", torch.zeros((), dtype=torch.float32))
-        self.ema_cfg = dict(ema)
-        self.optim_cfg = dict(optim)
         self._noise_generator: torch.Generator | None = None
         self._frozen: dict[str, Any] = {}  # the VQGAN for sample figures: kept out of state_dict and DDP
-        self.speed = SpeedOptions.from_config(speed)
         if self.speed.channels_last:  # both copies: the EMA update lerps parameters of equal layouts
             to_channels_last_3d(self.denoiser.unet)
             to_channels_last_3d(self.ema.unet)
@@ -175,7 +273,7 @@ class DiffusionModule(L.LightningModule):
             batch["latent"],
             batch["label"],
             generator=self._step_generator(),
-            label_dropout=float(self.hparams.cfg_dropout),
+            label_dropout=self.settings.cfg_dropout,
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latent"].shape[0])
         return loss
@@ -190,11 +288,12 @@ class DiffusionModule(L.LightningModule):
     def ema_decay(self, step: int) -> float:
         """Decay after optimiser step ``step``: 0 (a copy) up to ``start_step``, then ``decay``, warmed up as
         ``min(decay, (1 + n) / (10 + n))`` over the n steps since the start (as diffusers' ``EMAModel``)."""
-        start = int(self.ema_cfg.get("start_step", 0))
+        ema = self.settings.ema
+        start = ema.start_step
         if step <= start:
             return 0.0
-        decay = float(self.ema_cfg.get("decay", 0.9999))
-        if self.ema_cfg.get("warmup", True):
+        decay = ema.decay
+        if ema.warmup:
             n = step - start
             decay = min(decay, (1 + n) / (10 + n))
         return decay
@@ -209,17 +308,17 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
-        cfg = self.optim_cfg
+        cfg = self.settings.optim
         optimizer = torch.optim.AdamW(
             self.denoiser.parameters(),
-            lr=float(cfg.get("lr", 1e-4)),
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            weight_decay=float(cfg.get("weight_decay", 0.0)),
-            eps=float(cfg.get("eps", 1e-8)),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            eps=cfg.eps,
         )
-        kind = str(cfg.get("scheduler", "constant"))
+        kind = cfg.scheduler
         total = int(self.trainer.estimated_stepping_batches) if kind == "cosine" else None
-        factor = lr_lambda(int(cfg.get("warmup_steps", 0)), total, kind, float(cfg.get("min_lr_ratio", 0.0)))
+        factor = lr_lambda(cfg.warmup_steps, total, kind, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -227,7 +326,7 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """MSE of the EMA (``val/loss``) and raw (``val/loss_raw``) weights at the fixed timesteps, one batch of
         B x K forward passes; per-timestep EMA losses as ``val/loss_t<t>``."""
-        timesteps = [int(t) for t in self.hparams.val_timesteps]
+        timesteps = [int(t) for t in self.settings.val_timesteps]
         noise = batch["noise"].to(self.device, torch.float32)
         batch_size, k = noise.shape[:2]
         if k != len(timesteps):
@@ -248,7 +347,7 @@ class DiffusionModule(L.LightningModule):
                     self.log(f"val/loss_t{step}", errors[i].mean(), sync_dist=True, batch_size=batch_size)
 
     def on_validation_epoch_end(self) -> None:
-        every = int(self.hparams.sample_every_n_epochs or 0)
+        every = self.settings.sample_every_n_epochs
         if every <= 0 or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
             return
         if self.trainer.is_global_zero:  # rank 0 only: no collective calls below
@@ -274,23 +373,22 @@ class DiffusionModule(L.LightningModule):
         vqgan = self._vqgan()
         if vqgan is None:
             return None
-        hp = self.hparams
-        per_class, names = int(hp.val_samples_per_class), list(hp.class_names)
+        hp, settings = self.hparams, self.settings
+        per_class, names = settings.val_samples_per_class, list(hp.class_names)
         labels = torch.arange(len(names)).repeat_interleave(per_class)
-        sampling = dict(hp.sampling or {})
         volumes = generate_volumes(
             self.ema,
             vqgan,
             float(self.scale_factor),
             labels,
             hp.latent_shape,
-            num_steps=int(hp.val_sampling_steps),
+            num_steps=settings.val_sampling_steps,
             sampler="ddim",
             eta=0.0,
-            batch_size=int(sampling.get("batch_size", 16)),
+            batch_size=settings.sample_batch_size,
             generator=torch.Generator().manual_seed(int(hp.seed)),
-            guidance_scale=float(hp.guidance_scale),
-            quantize=bool(sampling.get("decode_quantize", True)),
+            guidance_scale=settings.guidance_scale,
+            quantize=settings.decode_quantize,
         )
         rows = {name: [volumes[c * per_class + i] for i in range(per_class)] for c, name in enumerate(names)}
         figure = slices_figure(rows, title=f"diffusion EMA samples, step {self.global_step}")

@@ -80,14 +80,15 @@ class _Models:
 
     def get(self):
         if self._loaded is None:
-            from mrrl.diffusion.generate import load_diffusion
-            from mrrl.vqgan.loading import load_vqgan
+            from mrrl.diffusion.loading import load_diffusion_with_vqgan
 
-            loaded = load_diffusion(
-                self.spec.source, use_ema=self.ctx.settings.use_ema, device=self.ctx.device
+            loaded, vqgan, _ = load_diffusion_with_vqgan(
+                self.spec.source,
+                fallback_vqgan=self.ctx.vqgan_ckpt,
+                use_ema=self.ctx.settings.use_ema,
+                device=self.ctx.device,
             )
-            vqgan_ckpt = loaded.vqgan_ckpt or self.ctx.vqgan_ckpt
-            self._loaded = (loaded, load_vqgan(vqgan_ckpt, self.ctx.device))
+            self._loaded = (loaded, vqgan)
         return self._loaded
 
     @property

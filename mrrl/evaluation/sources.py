@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.manifest import manifest_path, read_manifest
+from mrrl.manifest import CHECKPOINT_KEYS, resolve_checkpoint
 from mrrl.training.ranks import RankShard
 from mrrl.utils.io import atomic_save_npy, atomic_write_json
 
@@ -48,18 +48,15 @@ ROW_LABELS = {"vqgan": "3D-VQGAN reconstruction", "standard": "Standard diffusio
 @dataclass(frozen=True)
 class DefaultRow:
     key: str
-    stage: str  # the stage whose manifest names the checkpoint
+    stage: str  # the stage whose manifest names the checkpoint (its CHECKPOINT_KEYS, tried in order)
     override: str  # stage config key that replaces the manifest lookup
-    ckpt_keys: tuple[str, ...]  # manifest output keys tried in order
     kind: str
 
 
 DEFAULT_ROWS = (
-    DefaultRow("vqgan", "vqgan", "vqgan_ckpt", ("best_ckpt", "last_ckpt"), "reconstruction"),
-    DefaultRow(
-        "standard", "diffusion", "diffusion_ckpt", ("ema_ckpt", "best_ckpt", "last_ckpt"), "diffusion"
-    ),
-    DefaultRow("rl", "ppo", "rl_ckpt", ("final_ckpt", "last_ckpt"), "diffusion"),
+    DefaultRow("vqgan", "vqgan", "vqgan_ckpt", "reconstruction"),
+    DefaultRow("standard", "diffusion", "diffusion_ckpt", "diffusion"),
+    DefaultRow("rl", "ppo", "rl_ckpt", "diffusion"),
 )
 # stage.ppo_checkpoint: which policy of the ppo manifest is the RL row (best = best on PPO's validation probe)
 PPO_CHECKPOINT_KEYS = {"final": ("final_ckpt", "last_ckpt"), "best": ("best_ckpt",)}
@@ -180,23 +177,6 @@ def safe_name(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- discovery
 
 
-def manifest_checkpoint(experiment_dir: str | Path, stage: str, keys: Sequence[str]) -> str:
-    """The first existing checkpoint among ``keys`` of ``stage``'s manifest (``ManifestError`` otherwise)."""
-    outputs = read_manifest(experiment_dir, stage)["outputs"]
-    where = manifest_path(experiment_dir, stage)
-    for key in keys:
-        if outputs.get(key):
-            path = Path(outputs[key])
-            if not path.is_file():
-                raise ManifestError(
-                    f"{where} names {key}={path}, which does not exist: rerun `mrrl stage={stage}`"
-                )
-            return str(path)
-    raise ManifestError(
-        f"{where} names no checkpoint (looked for {', '.join(keys)}): rerun `mrrl stage={stage}`"
-    )
-
-
 def _user_path(value: Any, what: str) -> Path:
     path = Path(str(value)).expanduser()
     if not path.exists():
@@ -238,14 +218,16 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     use_ema = bool(cfg.stage.get("use_ema", True))
     for row in DEFAULT_ROWS:
         override = cfg.stage.get(row.override)
-        ckpt_keys = PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else row.ckpt_keys
+        ckpt_keys = (
+            PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else CHECKPOINT_KEYS[row.stage]
+        )
         keys = [k for k in ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
+        option = f"stage.{row.override}"
         try:
-            if override:
-                ckpt = str(_user_path(override, f"stage.{row.override}"))
-            else:
-                ckpt = manifest_checkpoint(cfg.paths.experiment_dir, row.stage, keys)
+            ckpt = resolve_checkpoint(override, cfg.paths.experiment_dir, row.stage, option, keys)
         except ManifestError as exc:
+            if override:  # a path the user gave is an error, not a missing row
+                raise
             missing[row.key] = f"{ROW_LABELS[row.key]}: {exc}"
             continue
         specs.append(ModelSpec(row.key, ROW_LABELS[row.key], row.kind, ckpt))
@@ -429,27 +411,17 @@ def load_sampler(
     Samples are decoded by the VQGAN the checkpoint names (its latents are that VQGAN's); only when that
     file is gone is the experiment's VQGAN used, with a warning.
     """
-    from mrrl.diffusion.generate import generate_volumes, load_diffusion
-    from mrrl.vqgan.loading import load_vqgan
+    from mrrl.diffusion.generate import generate_volumes
+    from mrrl.diffusion.loading import load_diffusion_with_vqgan
 
     settings = (settings or ctx.settings).for_checkpoint(ckpt)
-    loaded = load_diffusion(ckpt, use_ema=settings.use_ema, device=ctx.device)
+    loaded, vqgan, _ = load_diffusion_with_vqgan(
+        ckpt, fallback_vqgan=ctx.vqgan_ckpt, use_ema=settings.use_ema, device=ctx.device
+    )
     if list(loaded.class_names) != list(ctx.class_names):
         raise ConfigError(
             f"{ckpt} was trained on classes {loaded.class_names}, the test data have {list(ctx.class_names)}"
         )
-    vqgan_ckpt = loaded.vqgan_ckpt
-    if not vqgan_ckpt or not Path(vqgan_ckpt).is_file():
-        if not ctx.vqgan_ckpt:
-            raise ManifestError(
-                f"{ckpt} names the VQGAN {vqgan_ckpt}, which does not exist, and the experiment has none: "
-                "run `mrrl stage=vqgan` or pass stage.vqgan_ckpt=<path>"
-            )
-        log.warning(
-            "%s names the VQGAN %s, which does not exist: decoding with %s", ckpt, vqgan_ckpt, ctx.vqgan_ckpt
-        )
-        vqgan_ckpt = ctx.vqgan_ckpt
-    vqgan = load_vqgan(vqgan_ckpt, ctx.device)
     quantize = settings.decode_quantize
     if quantize is None:
         quantize = bool((loaded.hparams.get("sampling") or {}).get("decode_quantize", True))

@@ -24,28 +24,25 @@ the network and schedule, the scale factor is a buffer, the VQGAN checkpoint pat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mrrl.diffusion.generate import (
-    export_ema,
-    schedule_from_config,
-)
-from mrrl.diffusion.latent_data import LatentDataModule
-from mrrl.diffusion.module import DiffusionModule
+from mrrl.diffusion.generate import export_ema, schedule_from_config
+from mrrl.diffusion.latent_data import LatentDataModule, LatentDataSettings
+from mrrl.diffusion.module import DiffusionModule, DiffusionSettings
 from mrrl.diffusion.sampling import SAMPLERS
-from mrrl.errors import ConfigError, ManifestError
-from mrrl.manifest import read_manifest, write_manifest
+from mrrl.errors import ConfigError
+from mrrl.manifest import read_manifest, resolve_checkpoint, write_manifest
+from mrrl.settings import from_config
 from mrrl.training.runtime import build_datamodule
-from mrrl.training.speed import (
-    SpeedOptions,
-)
+from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_dir, checkpoint_outputs, fit
 from mrrl.utils.checkpoints import safe_load
 from mrrl.vqgan.loading import LATENT_FILE, ensure_latents
@@ -54,80 +51,59 @@ log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.pt"
 
-# ---------------------------------------------------------------------------------------------- data
 
-
-# ---------------------------------------------------------------------------------------------- module
-
-
-# ---------------------------------------------------------------------------------------------- runner
+def settings(cfg: DictConfig) -> DiffusionSettings:
+    """The model's settings from ``cfg.stage`` (every key from the YAML; a missing one is a ConfigError)."""
+    return from_config(DiffusionSettings, cfg.stage, "stage")
 
 
 def _build_latent_cache(cfg: DictConfig, vqgan_ckpt: str | Path, run_dir: Path) -> Path:
     """Encode the dataset with ``vqgan_ckpt`` into ``<run_dir>/latents.pt`` (reused while still valid)."""
     datamodule = build_datamodule(cfg).prepare()
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
-    batch = int(cfg.stage.get("latent_batch_size", 8))
+    batch = int(cfg.stage.latent_batch_size)
     return ensure_latents(vqgan_ckpt, datamodule, run_dir / LATENT_FILE, batch, device)
 
 
 def resolve_inputs(cfg: DictConfig, run_dir: Path) -> tuple[str, Path]:
-    """(VQGAN checkpoint, latent cache): ``stage.vqgan_ckpt`` if given, else the vqgan stage's manifest."""
-    override = cfg.stage.get("vqgan_ckpt")
+    """(VQGAN checkpoint, latent cache): ``stage.vqgan_ckpt`` if given (its latent cache built in ``run_dir``),
+    else the vqgan stage's manifest (its latent cache, when it exported one)."""
+    override = cfg.stage.vqgan_ckpt
+    ckpt = resolve_checkpoint(override, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt")
     if override:
-        ckpt = Path(str(override))
-        if not ckpt.is_file():
-            raise ManifestError(
-                f"stage.vqgan_ckpt={override} does not exist: pass the path of a `mrrl stage=vqgan` "
-                "checkpoint (e.g. <run>/vqgan/checkpoints/best.ckpt)"
-            )
-        ckpt = ckpt.resolve()
-        return str(ckpt), _build_latent_cache(cfg, ckpt, run_dir)
-    hint = (
-        "run `mrrl stage=vqgan` with the same experiment first, or pass stage.vqgan_ckpt=<path to a VQGAN "
-        "checkpoint>"
-    )
-    outputs = read_manifest(cfg.paths.experiment_dir, "vqgan", hint=hint)["outputs"]
-    ckpt = outputs.get("best_ckpt") or outputs.get("last_ckpt")
-    if not ckpt or not Path(ckpt).is_file():
-        raise ManifestError(f"the vqgan manifest names the checkpoint {ckpt}, which does not exist: {hint}")
-    latents = outputs.get("latents")
-    if latents and Path(latents).is_file():
-        return str(ckpt), Path(latents)
-    return str(ckpt), _build_latent_cache(cfg, ckpt, run_dir)
-
-
-def _stage_dict(cfg: DictConfig) -> dict[str, Any]:
-    stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    assert isinstance(stage, dict)
-    return stage
+        ckpt = str(Path(ckpt).resolve())
+    else:
+        latents = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"].get("latents")
+        if latents and Path(latents).is_file():
+            return ckpt, Path(latents)
+    return ckpt, _build_latent_cache(cfg, ckpt, run_dir)
 
 
 def build_latent_datamodule(cfg: DictConfig, latent_path: Path) -> LatentDataModule:
-    stage = _stage_dict(cfg)
+    loader = from_config(LatentDataSettings, cfg.stage, "stage")
     return LatentDataModule(
         latent_path,
-        batch_size=int(stage.get("batch_size") or cfg.data.batch_size),
-        eval_batch_size=stage.get("eval_batch_size") or cfg.data.get("eval_batch_size"),
-        balanced=bool(stage.get("balanced", True)),
-        num_val_timesteps=len(stage["val_timesteps"]),
-        val_seed=int(stage.get("val_seed", 0)),
+        batch_size=int(loader.batch_size or cfg.data.batch_size),
+        eval_batch_size=loader.eval_batch_size or cfg.data.eval_batch_size,
+        balanced=loader.balanced,
+        num_val_timesteps=len(cfg.stage.val_timesteps),
+        val_seed=loader.val_seed,
         seed=int(cfg.seed),
-        num_workers=int(stage.get("num_workers", 0)),
+        num_workers=loader.num_workers,
     )
 
 
 def check_config(cfg: DictConfig, latent_shape: Sequence[int]) -> None:
     """Config mistakes as one clear error before any training."""
-    stage = _stage_dict(cfg)
-    levels = len(stage["unet"]["channels"])
+    model = settings(cfg)
+    levels = len(model.unet.channels)
     factor = 2 ** (levels - 1)
     if any(s % factor for s in latent_shape[1:]):
         raise ConfigError(
             f"latents of spatial size {list(latent_shape[1:])} cannot go through a {levels}-level UNet "
             f"(needs multiples of {factor}): shorten stage.unet.channels"
         )
-    dropout, guidance = float(stage.get("cfg_dropout", 0.0)), float(stage.get("guidance_scale", 1.0))
+    dropout, guidance = model.cfg_dropout, model.guidance_scale
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"stage.cfg_dropout must be in [0, 1), got {dropout}")
     if guidance != 1.0 and dropout == 0.0:
@@ -136,54 +112,32 @@ def check_config(cfg: DictConfig, latent_shape: Sequence[int]) -> None:
             "set stage.cfg_dropout > 0 (e.g. 0.1)"
         )
     try:
-        schedule = schedule_from_config(stage["schedule"])
+        schedule = schedule_from_config(dataclasses.asdict(model.schedule))
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"stage.schedule: {exc}") from exc
-    if stage.get("sampler", "ddim") not in SAMPLERS:
-        raise ConfigError(f"stage.sampler must be one of {SAMPLERS}, got {stage.get('sampler')!r}")
+    if model.sampler not in SAMPLERS:
+        raise ConfigError(f"stage.sampler must be one of {SAMPLERS}, got {model.sampler!r}")
     for key in ("inference_steps", "val_sampling_steps"):
+        steps = getattr(model, key)
         try:
-            schedule.timesteps(int(stage[key]))
+            schedule.timesteps(int(steps))
         except ValueError as exc:
-            raise ConfigError(f"stage.{key}={stage[key]} with this stage.schedule: {exc}") from exc
-    bad = [t for t in stage["val_timesteps"] if not 0 <= int(t) < schedule.num_train_timesteps]
+            raise ConfigError(f"stage.{key}={steps} with this stage.schedule: {exc}") from exc
+    bad = [t for t in model.val_timesteps if not 0 <= int(t) < schedule.num_train_timesteps]
     if bad:
         raise ConfigError(f"stage.val_timesteps {bad} are outside [0, {schedule.num_train_timesteps})")
-    SpeedOptions.from_config(stage.get("speed"))
+    SpeedOptions.from_config(cfg.stage.speed)
 
 
 def build_module(cfg: DictConfig, datamodule: LatentDataModule, vqgan_ckpt: str | None) -> DiffusionModule:
-    stage = _stage_dict(cfg)
     return DiffusionModule(
-        latent_shape=datamodule.latent_shape,
-        class_names=datamodule.class_names,
-        unet=stage["unet"],
-        schedule=stage["schedule"],
-        ema=stage["ema"],
-        optim=stage["optim"],
-        cfg_dropout=float(stage.get("cfg_dropout", 0.0)),
-        guidance_scale=float(stage.get("guidance_scale", 1.0)),
-        val_timesteps=[int(t) for t in stage["val_timesteps"]],
-        val_sampling_steps=int(stage["val_sampling_steps"]),
-        val_samples_per_class=int(stage.get("val_samples_per_class", 2)),
-        sample_every_n_epochs=int(stage.get("sample_every_n_epochs") or 0),
-        sampling=sampling_config(stage),
+        datamodule.latent_shape,
+        datamodule.class_names,
+        settings(cfg),
         vqgan_ckpt=vqgan_ckpt,
         seed=int(cfg.seed),
-        speed=stage.get("speed"),
+        speed=cfg.stage.speed,
     )
-
-
-def sampling_config(stage: Mapping[str, Any]) -> dict[str, Any]:
-    """The generation defaults later stages read (manifest and checkpoint)."""
-    return {
-        "sampler": str(stage.get("sampler", "ddim")),
-        "num_steps": int(stage["inference_steps"]),
-        "eta": float(stage.get("eta", 0.0)),
-        "guidance_scale": float(stage.get("guidance_scale", 1.0)),
-        "batch_size": int(stage.get("sample_batch_size", 32)),
-        "decode_quantize": bool(stage.get("decode_quantize", True)),
-    }
 
 
 def _global_step(ckpt_path: str) -> int:
@@ -200,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     check_config(cfg, datamodule.latent_shape)
     module = build_module(cfg, datamodule, vqgan_ckpt)
     trainer, best_cb = build_trainer(cfg, run_dir, monitor="val/loss", mode="min")
-    fit(trainer, module, datamodule, run_dir, fresh=bool(cfg.stage.get("force", False)))
+    fit(trainer, module, datamodule, run_dir, fresh=bool(cfg.stage.force))
     if not trainer.is_global_zero:
         return None
     outputs = checkpoint_outputs(run_dir, best_cb)
@@ -218,7 +172,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             "schedule": schedule,
             "prediction_type": schedule["prediction_type"],
             "classifier_free_guidance": module.denoiser.supports_guidance,
-            "sampling": sampling_config(_stage_dict(cfg)),
+            "sampling": module.settings.sampling,
             "val_loss": outputs.get("best_score"),
             "global_step": _global_step(outputs["last_ckpt"]),
         }

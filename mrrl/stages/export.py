@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 import mrrl
 from mrrl.diffusion.sampling import SAMPLERS
 from mrrl.errors import ConfigError, ManifestError, MrrlError
-from mrrl.evaluation.sources import DEFAULT_ROWS, GenerationSettings, file_identity, manifest_checkpoint
+from mrrl.evaluation.sources import GenerationSettings, file_identity
 from mrrl.export.cohort import (
     DESCRIP,
     PLAN_JSON,
@@ -48,7 +48,7 @@ from mrrl.export.cohort import (
     write_oasis_labels,
 )
 from mrrl.export.geometry import INTENSITY_MODES, cohort_geometry, to_model_range, to_output_range
-from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
+from mrrl.manifest import CHECKPOINT_KEYS, MANIFEST_NAME, is_complete, resolve_checkpoint, write_manifest
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import release_process_group
@@ -74,7 +74,7 @@ def check_settings(stage: DictConfig) -> GenerationSettings:
     return settings
 
 
-def resolve_checkpoint(cfg: DictConfig) -> tuple[str, str]:
+def choose_checkpoint(cfg: DictConfig) -> tuple[str, str]:
     """``(checkpoint path, row key)``: ``stage.ckpt`` (key ``checkpoint``) or the ppo / diffusion manifest."""
     stage = cfg.stage
     if stage.ckpt:
@@ -84,14 +84,13 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str, str]:
         return str(path), "checkpoint"
     if str(stage.model) not in MODELS:
         raise ConfigError(f"stage.model must be one of {list(MODELS)}, got {stage.model!r}")
-    rows = {r.key: r for r in DEFAULT_ROWS}
     keys = ["rl", "standard"] if stage.model == "auto" else [str(stage.model)]
+    rows = {"rl": "ppo", "standard": "diffusion"}
     problems = []
     for key in keys:
-        row = rows[key]
-        wanted = [k for k in row.ckpt_keys if stage.use_ema or k != "ema_ckpt"]
+        wanted = [k for k in CHECKPOINT_KEYS[rows[key]] if stage.use_ema or k != "ema_ckpt"]
         try:
-            return manifest_checkpoint(cfg.paths.experiment_dir, row.stage, wanted), key
+            return resolve_checkpoint(None, cfg.paths.experiment_dir, rows[key], "stage.ckpt", wanted), key
         except ManifestError as exc:
             problems.append(str(exc))
     raise ManifestError("no checkpoint to export: " + "; ".join(problems) + " (or pass stage.ckpt=<path>)")
@@ -116,25 +115,23 @@ class Models:
     """The denoiser and decoder an export samples with, and how it decodes."""
 
     def __init__(self, cfg: DictConfig, ckpt: str, class_names: list[str], device: torch.device):
-        from mrrl.diffusion.generate import load_diffusion
+        from mrrl.diffusion.loading import load_diffusion_with_vqgan
         from mrrl.utils.checkpoints import safe_load
-        from mrrl.vqgan.loading import load_vqgan
 
         stage = cfg.stage
-        self.loaded = load_diffusion(ckpt, use_ema=bool(stage.use_ema), device=device)
+        # The VQGAN the checkpoint records; stage.vqgan_ckpt (else the vqgan manifest) only when it is gone.
+        self.loaded, self.vqgan, self.vqgan_ckpt = load_diffusion_with_vqgan(
+            ckpt,
+            fallback_vqgan=lambda: resolve_checkpoint(
+                stage.vqgan_ckpt, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt"
+            ),
+            use_ema=bool(stage.use_ema),
+            device=device,
+        )
         if list(self.loaded.class_names) != list(class_names):
             raise ConfigError(
                 f"{ckpt} was trained on classes {self.loaded.class_names}, the data have {class_names}"
             )
-        vqgan = self.loaded.vqgan_ckpt
-        if not vqgan or not Path(vqgan).is_file():
-            vqgan = stage.vqgan_ckpt or manifest_checkpoint(
-                cfg.paths.experiment_dir, "vqgan", ("best_ckpt", "last_ckpt")
-            )
-        if not Path(str(vqgan)).is_file():
-            raise ConfigError(f"stage.vqgan_ckpt: {vqgan} does not exist")
-        self.vqgan_ckpt = str(vqgan)
-        self.vqgan = load_vqgan(self.vqgan_ckpt, device)
         self.vqgan_hparams = _plain(dict(safe_load(self.vqgan_ckpt).get("hyper_parameters", {})))
         quantize = stage.decode_quantize
         if quantize is None:
@@ -223,7 +220,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     stage = cfg.stage
     settings = check_settings(stage)
-    ckpt, row_key = resolve_checkpoint(cfg)
+    ckpt, row_key = choose_checkpoint(cfg)
     datamodule = build_datamodule(cfg).prepare()
     class_names = datamodule.class_names
     blocks = plan_blocks(

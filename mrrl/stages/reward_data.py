@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mrrl.diffusion.generate import decode_latents, generate_volumes, load_diffusion
+from mrrl.diffusion.generate import decode_latents, generate_volumes
+from mrrl.diffusion.loading import load_diffusion_with_vqgan
 from mrrl.diffusion.sampling import noised_reconstruction
-from mrrl.errors import ConfigError, ManifestError
+from mrrl.errors import ConfigError
 from mrrl.evaluation.real_sets import real_class_set, real_class_statistics
-from mrrl.manifest import read_manifest, write_manifest
+from mrrl.manifest import resolve_checkpoint, write_manifest
 from mrrl.metrics.extractors import build_extractor
 from mrrl.metrics.fid_report import compute_statistics
 from mrrl.metrics.statistics import FeatureStatistics
@@ -41,10 +42,8 @@ from mrrl.reward.maps import fid_to_reward
 from mrrl.training.ranks import gather_share, generation_device, launch_ranks
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import already_finished
-from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_write_json, atomic_write_text
 from mrrl.utils.markdown import fmt, fmt_fid, md_table
-from mrrl.vqgan.loading import load_vqgan
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +84,12 @@ def plan_groups(stage: Mapping[str, Any], class_names: Sequence[str]) -> list[Gr
     return groups
 
 
-def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str]:
-    """(diffusion ckpt, vqgan ckpt): from the config if given, else from the earlier stages' manifests."""
-    stage = cfg.stage
-    diffusion_ckpt = stage.get("diffusion_ckpt")
-    if not diffusion_ckpt:
-        outputs = read_manifest(
-            cfg.paths.experiment_dir,
-            "diffusion",
-            "run `mrrl stage=diffusion` first or pass stage.diffusion_ckpt=<path>",
-        )["outputs"]
-        diffusion_ckpt = outputs.get("ema_ckpt") or outputs.get("best_ckpt") or outputs.get("last_ckpt")
-    vqgan_ckpt = stage.get("vqgan_ckpt")
-    if not vqgan_ckpt:
-        ckpt = safe_load(diffusion_ckpt)
-        vqgan_ckpt = (ckpt.get("hyper_parameters") or {}).get("vqgan_ckpt")
-    if not vqgan_ckpt:
-        vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]
-    for path in (diffusion_ckpt, vqgan_ckpt):
-        if not Path(path).is_file():
-            raise ManifestError(f"checkpoint {path} does not exist")
-    return str(diffusion_ckpt), str(vqgan_ckpt)
+def resolve_checkpoints(cfg: DictConfig) -> tuple[str, str | None]:
+    """(diffusion checkpoint, ``stage.vqgan_ckpt`` or None: the VQGAN the diffusion checkpoint records)."""
+    experiment = cfg.paths.experiment_dir
+    diffusion = resolve_checkpoint(cfg.stage.diffusion_ckpt, experiment, "diffusion", "stage.diffusion_ckpt")
+    vqgan = cfg.stage.vqgan_ckpt
+    return diffusion, resolve_checkpoint(vqgan, experiment, "vqgan", "stage.vqgan_ckpt") if vqgan else None
 
 
 class GroupGenerator:
@@ -266,12 +250,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     fabric = launch_ranks(cfg)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = generation_device(cfg, fabric)
-    loaded = load_diffusion(diffusion_ckpt, use_ema=True, device=device)
+    loaded, vqgan, vqgan_ckpt = load_diffusion_with_vqgan(
+        diffusion_ckpt,
+        vqgan_ckpt=vqgan_ckpt,
+        fallback_vqgan=lambda: resolve_checkpoint(
+            None, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt"
+        ),
+        device=device,
+    )
     if list(loaded.class_names) != datamodule.class_names:
         raise ConfigError(
             f"the diffusion model knows classes {loaded.class_names}, the data {datamodule.class_names}"
         )
-    vqgan = load_vqgan(vqgan_ckpt, device)
     maker = GroupGenerator(loaded, vqgan, stage, device, rank, world)
 
     metrics = stage["metrics"]

@@ -15,15 +15,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mrrl.errors import ConfigError
 from mrrl.manifest import write_manifest
+from mrrl.settings import from_config
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit
 from mrrl.vqgan.loading import LATENT_FILE, ensure_latents
-from mrrl.vqgan.module import VQGANModule
+from mrrl.vqgan.module import VQGANModule, VQGANSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,14 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- runner
 
 
+def settings(cfg: DictConfig) -> VQGANSettings:
+    """The model's settings from ``cfg.stage`` (every key from the YAML; a missing one is a ConfigError)."""
+    return from_config(VQGANSettings, cfg.stage, "stage")
+
+
 def check_config(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
-    SpeedOptions.from_config(cfg.stage.get("speed"))  # bad speed values fail before any data is read
+    settings(cfg)  # a missing key fails before any data is read
+    SpeedOptions.from_config(cfg.stage.speed)  # so do bad speed values
     factor = int(cfg.stage.net.downsample_factor)
     if any(s % factor for s in image_shape[1:]):
         raise ConfigError(
@@ -47,17 +54,7 @@ def check_config(cfg: DictConfig, image_shape: tuple[int, ...]) -> None:
 
 
 def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VQGANModule:
-    stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    assert isinstance(stage, dict)
-    return VQGANModule(
-        image_shape=tuple(image_shape),
-        net=stage["net"],
-        discriminator=stage["discriminator"],
-        loss=stage["loss"],
-        optim=stage["optim"],
-        num_figure_volumes=int(stage.get("num_figure_volumes", 2)),
-        speed=stage.get("speed"),
-    )
+    return VQGANModule(tuple(image_shape), settings(cfg), speed=cfg.stage.speed)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -67,7 +64,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     check_config(cfg, datamodule.image_shape)
     module = build_module(cfg, datamodule.image_shape)
     trainer, best_cb = build_trainer(cfg, run_dir, monitor="val/l1", mode="min", find_unused_parameters=True)
-    fit(trainer, module, datamodule, run_dir, fresh=bool(cfg.stage.get("force", False)))
+    fit(trainer, module, datamodule, run_dir, fresh=bool(cfg.stage.force))
     if not trainer.is_global_zero:
         return None
     outputs = checkpoint_outputs(run_dir, best_cb)

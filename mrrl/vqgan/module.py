@@ -3,7 +3,9 @@ optimisation. The discriminator step reuses the generator pass's reconstruction 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from mrrl.settings import from_config
 from mrrl.training.speed import SpeedOptions, maybe_compile, to_channels_last_3d
 from mrrl.utils.viz import log_figure, slices_figure
 from mrrl.vqgan.discriminators import SliceDiscriminator, VolumeDiscriminator, axial_slices
@@ -24,6 +27,85 @@ from mrrl.vqgan.gan_losses import (
 )
 from mrrl.vqgan.networks import VQGAN
 
+# ---------------------------------------------------------------------------------------------- settings
+# One frozen dataclass per group of conf/stage/vqgan.yaml (``stage.net``, ``stage.discriminator``, ...); the
+# YAML holds every default. A checkpoint stores them as plain dicts (its ``hyper_parameters``).
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """``stage.net``: the generator, as ``mrrl.vqgan.networks.VQGAN`` takes it (``load_vqgan`` reads it back)."""
+
+    channels: list[int]
+    num_res_blocks: int
+    num_res_channels: list[int] | None
+    downsample_factor: int
+    codebook_size: int
+    codebook_dim: int
+    ema_decay: float
+    commitment_cost: float
+    dead_code_threshold: float
+    quantize_chunk_size: int
+    gradient_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class DiscriminatorSettings:
+    """``stage.discriminator``: both patch discriminators (3D on volumes, 2D on random axial slices)."""
+
+    channels: int
+    num_layers: int
+    norm: str
+    slices_per_volume: int
+
+
+@dataclass(frozen=True)
+class PerceptualSettings:
+    """``stage.loss.perceptual``: the MedicalNet network of the perceptual loss and its weights on disk."""
+
+    network: str
+    weights_path: str | None
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """``stage.loss``: reconstruction, adversarial (with warm-up) and optional perceptual terms."""
+
+    l1_weight: float
+    gan_loss: str
+    adv_start_step: int
+    adv_ramp_steps: int
+    adaptive_weight: bool
+    adv_weight: float
+    max_adv_weight: float
+    weight_3d: float
+    weight_2d: float
+    feature_matching_weight: float
+    perceptual_weight: float
+    perceptual: PerceptualSettings
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """``stage.optim``: AdamW for the generator and for the discriminators."""
+
+    lr_g: float
+    lr_d: float
+    betas: list[float]
+    weight_decay: float
+    grad_clip: float | None
+
+
+@dataclass(frozen=True)
+class VQGANSettings:
+    """What conf/stage/vqgan.yaml says about the model: ``from_config(VQGANSettings, cfg.stage, "stage")``."""
+
+    net: NetSettings
+    discriminator: DiscriminatorSettings
+    loss: LossSettings
+    optim: OptimSettings
+    num_figure_volumes: int
+
 
 class VQGANModule(L.LightningModule):
     """The VQGAN and its two discriminators, trained with manual optimisation."""
@@ -31,34 +113,37 @@ class VQGANModule(L.LightningModule):
     def __init__(
         self,
         image_shape: tuple[int, int, int, int],
-        net: Mapping[str, Any],
-        discriminator: Mapping[str, Any],
-        loss: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        num_figure_volumes: int = 2,
-        speed: Mapping[str, Any] | None = None,
+        settings: VQGANSettings | None = None,
+        speed: SpeedOptions | Mapping[str, Any] | None = None,
+        **hyper_parameters: Any,
     ):
+        """``settings`` from the stage; ``load_from_checkpoint`` passes its fields instead, as the plain dicts of
+        the checkpoint's hyper-parameters. ``speed``: ``stage.speed`` (None: every option off)."""
         super().__init__()
-        self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.loss_cfg = dict(loss)
-        self.optim_cfg = dict(optim)
+        if settings is None:
+            settings = from_config(VQGANSettings, hyper_parameters, "hyper_parameters")
+        elif hyper_parameters:
+            raise TypeError(f"pass settings or its fields, not both (got {sorted(hyper_parameters)})")
+        self.settings = settings
         self.speed = SpeedOptions.from_config(speed)
+        self.save_hyperparameters(
+            {"image_shape": list(image_shape), **dataclasses.asdict(settings), "speed": self.speed.to_dict()}
+        )
+        self.automatic_optimization = False
         channels = int(image_shape[0])
-        net = dict(net)
         # stage.speed.gradient_checkpointing and the older stage.net.gradient_checkpointing both switch it on.
-        net["gradient_checkpointing"] = (
-            bool(net.get("gradient_checkpointing")) or self.speed.gradient_checkpointing
+        net = dataclasses.replace(
+            settings.net,
+            gradient_checkpointing=settings.net.gradient_checkpointing or self.speed.gradient_checkpointing,
         )
-        self.vqgan = VQGAN(**net, in_channels=channels)
-        disc = dict(discriminator)
-        self.slices_per_volume = int(disc.pop("slices_per_volume", 4))
-        self.disc3d = VolumeDiscriminator(in_channels=channels, **disc)
-        self.disc2d = SliceDiscriminator(in_channels=channels, **disc)
-        perceptual = dict(self.loss_cfg.get("perceptual", {}) or {})
-        self.perceptual = build_perceptual_loss(
-            float(self.loss_cfg.get("perceptual_weight", 0.0)), **perceptual
-        )
+        self.vqgan = VQGAN(**dataclasses.asdict(net), in_channels=channels)
+        disc = settings.discriminator
+        self.slices_per_volume = disc.slices_per_volume
+        disc_args = {"channels": disc.channels, "num_layers": disc.num_layers, "norm": disc.norm}
+        self.disc3d = VolumeDiscriminator(in_channels=channels, **disc_args)
+        self.disc2d = SliceDiscriminator(in_channels=channels, **disc_args)
+        loss = settings.loss
+        self.perceptual = build_perceptual_loss(loss.perceptual_weight, **dataclasses.asdict(loss.perceptual))
         # Generator steps taken; drives the adversarial warm-up and survives checkpoint/resume.
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
@@ -90,14 +175,14 @@ class VQGANModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
-        betas = tuple(self.optim_cfg.get("betas", (0.5, 0.9)))
-        wd = float(self.optim_cfg.get("weight_decay", 0.0))
+        optim = self.settings.optim
+        betas, wd = tuple(optim.betas), optim.weight_decay
         gen_params = [p for p in self.vqgan.parameters() if p.requires_grad]
         if self.perceptual is not None:
             self.perceptual.requires_grad_(False)
-        opt_g = torch.optim.AdamW(gen_params, lr=float(self.optim_cfg["lr_g"]), betas=betas, weight_decay=wd)
+        opt_g = torch.optim.AdamW(gen_params, lr=optim.lr_g, betas=betas, weight_decay=wd)
         disc_params = list(self.disc3d.parameters()) + list(self.disc2d.parameters())
-        opt_d = torch.optim.AdamW(disc_params, lr=float(self.optim_cfg["lr_d"]), betas=betas, weight_decay=wd)
+        opt_d = torch.optim.AdamW(disc_params, lr=optim.lr_d, betas=betas, weight_decay=wd)
         return [opt_g, opt_d]
 
     def _slice_indices(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,18 +193,16 @@ class VQGANModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = batch["image"]
         opt_g, opt_d = self.optimizers()
-        cfg = self.loss_cfg
-        factor = adversarial_factor(
-            int(self.generator_steps), int(cfg["adv_start_step"]), int(cfg.get("adv_ramp_steps", 0))
-        )
-        w3d, w2d = float(cfg.get("weight_3d", 1.0)), float(cfg.get("weight_2d", 1.0))
-        kind = cfg.get("gan_loss", "hinge")
+        cfg = self.settings.loss
+        factor = adversarial_factor(int(self.generator_steps), cfg.adv_start_step, cfg.adv_ramp_steps)
+        w3d, w2d = cfg.weight_3d, cfg.weight_2d
+        kind = cfg.gan_loss
 
         out = self.vqgan(x)
         recon = out.reconstruction
-        rec_loss = float(cfg.get("l1_weight", 1.0)) * F.l1_loss(recon, x)
+        rec_loss = cfg.l1_weight * F.l1_loss(recon, x)
         if self.perceptual is not None:
-            rec_loss = rec_loss + float(cfg["perceptual_weight"]) * self.perceptual(recon.float(), x.float())
+            rec_loss = rec_loss + cfg.perceptual_weight * self.perceptual(recon.float(), x.float())
         gen_loss = rec_loss + out.vq_loss
         logs = {
             "train/l1": F.l1_loss(recon.detach(), x),
@@ -134,16 +217,16 @@ class VQGANModule(L.LightningModule):
             idx = self._slice_indices(x)
             fake3, fake2 = self.disc3d(recon), self.disc2d(axial_slices(recon, idx))
             g_adv = w3d * generator_loss(fake3.logits, kind) + w2d * generator_loss(fake2.logits, kind)
-            adv_weight = float(cfg.get("adv_weight", 0.1))
-            if cfg.get("adaptive_weight", True):
+            adv_weight = cfg.adv_weight
+            if cfg.adaptive_weight:
                 last_layer = self.vqgan.last_layer_weight
-                max_weight = float(cfg.get("max_adv_weight", 1e4))
+                max_weight = cfg.max_adv_weight
                 weight = adv_weight * adaptive_adversarial_weight(rec_loss, g_adv, last_layer, max_weight)
             else:
                 weight = torch.tensor(adv_weight, device=x.device)
             gen_loss = gen_loss + factor * weight * g_adv
             logs.update({"train/g_adv": g_adv.detach(), "train/adv_weight": weight})
-            fm_weight = float(cfg.get("feature_matching_weight", 0.0))
+            fm_weight = cfg.feature_matching_weight
             if fm_weight > 0:
                 real3, real2 = self.disc3d(x), self.disc2d(axial_slices(x, idx))
                 fm = feature_matching_loss([real3.features, real2.features], [fake3.features, fake2.features])
@@ -173,9 +256,9 @@ class VQGANModule(L.LightningModule):
         self.log("train/l1_step", logs["train/l1"], prog_bar=True, logger=False, batch_size=x.shape[0])
 
     def _clip(self, optimizer) -> None:
-        clip = self.optim_cfg.get("grad_clip")
+        clip = self.settings.optim.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     # ------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -195,7 +278,7 @@ class VQGANModule(L.LightningModule):
         self.log("val/ssim", self.val_ssim, batch_size=x.shape[0])
         self._val_counts += torch.bincount(out.indices.flatten(), minlength=self._val_counts.numel()).double()
         if self._figure_batch is None:
-            n = int(self.hparams.num_figure_volumes)
+            n = self.settings.num_figure_volumes
             self._figure_batch = (x[:n].detach().cpu(), recon[:n].detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
