@@ -499,7 +499,7 @@ def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
     assert [Path(m).parent.parent.name for m in members] == ["r3d", "r3d_m1"]
     a, b = (load_reward_model(m).state_dict() for m in members)
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # different seeds
-    ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.w2d=0"], tmp_path)
+    ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.reward.w2d=0"], tmp_path)
     assert _reward_checkpoints(ppo)["r3d"] == members
     with pytest.raises(ConfigError, match="ensemble_size"):
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.ensemble_size=0"))
