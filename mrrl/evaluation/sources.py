@@ -106,8 +106,8 @@ class GenerationSettings:
             guidance_scale=float(stage.guidance_scale),
             batch_size=int(stage.sample_batch_size),
             seed=int(stage.seed),
-            use_ema=bool(stage.get("use_ema", True)),
-            decode_quantize=None if stage.get("decode_quantize") is None else bool(stage.decode_quantize),
+            use_ema=bool(stage.use_ema),
+            decode_quantize=None if stage.decode_quantize is None else bool(stage.decode_quantize),
         )
 
     def for_checkpoint(self, ckpt: str | Path) -> GenerationSettings:
@@ -235,9 +235,9 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     """
     specs: list[ModelSpec] = []
     missing: dict[str, str] = {}
-    use_ema = bool(cfg.stage.get("use_ema", True))
+    use_ema = bool(cfg.stage.use_ema)
     for row in DEFAULT_ROWS:
-        override = cfg.stage.get(row.override)
+        override = cfg.stage[row.override]
         ckpt_keys = PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else row.ckpt_keys
         keys = [k for k in ckpt_keys if use_ema or k != "ema_ckpt"]  # ema.pt holds only EMA weights
         try:
@@ -249,7 +249,7 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
             missing[row.key] = f"{ROW_LABELS[row.key]}: {exc}"
             continue
         specs.append(ModelSpec(row.key, ROW_LABELS[row.key], row.kind, ckpt))
-    for name, value in (cfg.stage.get("extra_models") or {}).items():
+    for name, value in (cfg.stage.extra_models or {}).items():
         specs.append(_extra_spec(str(name), value))
     return specs, missing
 

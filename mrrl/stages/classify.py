@@ -42,7 +42,7 @@ from mrrl.utils.io import atomic_write_json
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
-    seeds = [int(s) for s in (cfg.stage.get("seeds") or [])]
+    seeds = [int(s) for s in (cfg.stage.seeds or [])]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"stage.seeds must be a non-empty list of distinct ints, got {seeds}")
     return seeds
@@ -54,7 +54,7 @@ def check_config(cfg: DictConfig, in_channels: int) -> None:
     stage = cfg.stage
     if stage.monitor not in MONITORS:
         raise ConfigError(f"stage.monitor must be one of {tuple(MONITORS)}, got {stage.monitor!r}")
-    if stage.get("class_weights") not in (None, "balanced"):
+    if stage.class_weights not in (None, "balanced"):
         raise ConfigError(f"stage.class_weights must be null or 'balanced', got {stage.class_weights!r}")
     if not 0.0 < float(stage.threshold) < 1.0:
         raise ConfigError(f"stage.threshold must be in (0, 1), got {stage.threshold}")
@@ -74,7 +74,7 @@ def check_config(cfg: DictConfig, in_channels: int) -> None:
 def _positive_index(cfg: DictConfig, class_names: list[str]) -> int:
     if len(class_names) != 2:
         raise ConfigError(f"the classify stage is binary; data.classes is {class_names}")
-    positive = cfg.stage.get("positive_class") or class_names[0]
+    positive = cfg.stage.positive_class or class_names[0]
     if positive not in class_names:
         raise ConfigError(f"stage.positive_class={positive!r} is not one of the data's classes {class_names}")
     return class_names.index(positive)
@@ -144,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         for p in protocols
         for s in seeds
     ]
-    force = bool(stage.get("force", False))
+    force = bool(stage.force)
     done = {} if force else {(r.protocol.key, r.seed): finished_result(r.dir, r.key) for r in plan}
     device = generation_device(cfg, fabric)
     synthetic = SyntheticSlot(
@@ -155,7 +155,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             run_dir / "synthetic",
             device,
             vqgan_ckpt=vqgan,
-            regenerate=bool(stage.get("regenerate", False)),
+            regenerate=bool(stage.regenerate),
             shard=RankShard(fabric),
         )
     )

@@ -307,11 +307,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     start = time.monotonic()
     limits: dict[str, float] = dict(fids.get("_vqgan_limit", {}))
-    bar = tqdm(groups, desc="reward groups", disable=not stage.get("progress_bar", True) or rank != 0)
+    bar = tqdm(groups, desc="reward groups", disable=not stage["progress_bar"] or rank != 0)
     for group in bar:
         bar.set_postfix_str(group.name)
         real, ids, real_stats = real_for(group.class_name)
-        if rank == 0 and stage.get("include_limit", True) and group.class_name not in limits:
+        if rank == 0 and stage["include_limit"] and group.class_name not in limits:
             recon = maker.vqgan_limit(real)
             limits[group.class_name] = compute_statistics(extractor, recon, batch, device).frechet_distance(
                 real_stats
