@@ -43,7 +43,7 @@ class ValidationProbe:
 
     def __init__(self, settings: PPOSettings, datamodule, experiment_dir: str | Path, extractor=None):
         from mrrl.metrics.extractors import build_extractor
-        from mrrl.metrics.fid_report import extract_features
+        from mrrl.metrics.features import extract_features
 
         probe = settings.probe  # its split was checked when the settings were built
         self.split = str(probe.split)
@@ -73,7 +73,7 @@ class ValidationProbe:
 
     @torch.no_grad()
     def __call__(self, module: PPOModule) -> dict[str, float]:
-        from mrrl.metrics.fid_report import extract_features
+        from mrrl.metrics.features import extract_features
         from mrrl.metrics.kid import kid as kernel_inception_distance
         from mrrl.metrics.statistics import FeatureStatistics
 

@@ -19,7 +19,6 @@ predictions and trains only what is missing or stale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks
 from mrrl.training.runtime import build_datamodule
-from mrrl.utils.io import atomic_write_json
+from mrrl.utils.io import atomic_write_json, finite_or_none
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
@@ -197,7 +196,7 @@ def write_outputs(cfg: DictConfig, run_dir: Path, summary: Mapping[str, Any]) ->
     """The tables, ``metrics.json`` and the manifest (per-seed and aggregated metrics of every protocol)."""
     title = f"Table 3 ({summary['experiment']}, {summary['dataset']}): downstream classification"
     tables = write_tables(run_dir, summary, title)
-    metrics_json = atomic_write_json(run_dir / "metrics.json", _finite_or_none(summary))
+    metrics_json = atomic_write_json(run_dir / "metrics.json", finite_or_none(summary))
     print(tables["table_md"].read_text())
     outputs = {
         **{k: str(v.resolve()) for k, v in tables.items()},
@@ -209,20 +208,9 @@ def write_outputs(cfg: DictConfig, run_dir: Path, summary: Mapping[str, Any]) ->
         "missing": summary["missing"],
         "paired": summary["paired"],
     }
-    outputs = _finite_or_none(outputs)
+    outputs = finite_or_none(outputs)
     write_manifest(run_dir, "classify", outputs, cfg)
     return outputs
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """NaN (one seed's std, a one-class AUC) → None, so the JSON files are strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def _run_summary(r: Mapping[str, Any], threshold: float) -> dict[str, Any]:

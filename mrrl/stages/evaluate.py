@@ -24,7 +24,6 @@ with ``trainer.devices=1``) return at once and write nothing.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule, build_loggers
 from mrrl.training.trainer import release_process_group
-from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.io import atomic_write_json, atomic_write_text, finite_or_none
 
 
 def load_real_sets(datamodule, split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -107,17 +106,6 @@ def _previous_inputs(run_dir: Path) -> Any:
         return json.loads((run_dir / MANIFEST_NAME).read_text())["outputs"].get("inputs")
     except (OSError, ValueError, KeyError):
         return None
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """NaN/Inf → None so ``metrics.json`` is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -180,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             features[name] = scorer.features(volumes)
     results.update(uncertainty(cfg, scorer, features, calibration))
     results["headline"] = headline_judge(cfg, scorer.extractors, str(cfg.stage.metrics.headline_extractor))
-    results = _finite_or_none(results)
+    results = finite_or_none(results)
     outputs = write_outputs(cfg, run_dir, results, {c: v[:n_fig] for c, v in real.items()}, previews)
     outputs["inputs"] = inputs
     write_manifest(run_dir, "evaluate", outputs, cfg)

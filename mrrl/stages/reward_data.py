@@ -33,7 +33,7 @@ from mrrl.errors import ConfigError, ManifestError
 from mrrl.evaluation.real_sets import real_class_set, real_class_statistics
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.metrics.extractors import build_extractor
-from mrrl.metrics.fid_report import compute_statistics
+from mrrl.metrics.features import compute_statistics
 from mrrl.metrics.statistics import FeatureStatistics
 from mrrl.metrics.stats_cache import RealStatsCache
 from mrrl.reward.dataset import RewardDatasetWriter, group_name

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,14 @@ def read_metrics_csv(log_dir: str | os.PathLike) -> list[dict[str, str]]:
             with path.open(newline="") as handle:
                 rows += list(csv.DictReader(handle))
     return rows
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float (nested in mappings and sequences) replaced by None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
