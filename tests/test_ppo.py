@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from mrrl.ppo.kl import KLController
 from mrrl.ppo.module import PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
 from mrrl.ppo.multiscale_reward import MultiScaleReward
 from mrrl.ppo.selection import BestTracker
-from mrrl.ppo.settings import KLSettings, ppo_settings
+from mrrl.ppo.settings import KLSettings, PPOSettings, ppo_settings
 from mrrl.ppo.surrogate import clipped_surrogate, ppo_step_stats
 from mrrl.reward.ensemble import RewardEnsemble
 
@@ -377,6 +378,24 @@ def _trainer(tmp_path: Path, epochs: int, logger=False) -> L.Trainer:
         num_sanity_val_steps=0,
         default_root_dir=str(tmp_path),
     )
+
+
+def test_a_lightning_checkpoint_rebuilds_the_typed_settings(checkpoints, tmp_path: Path) -> None:
+    """The hparams hold plain dicts (weights_only); load_from_checkpoint turns them back into PPOSettings."""
+    module = make_module(checkpoints, sample={"num_steps": 3, "batch_size": 2}, train={"batch_size": 2})
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module)
+    trainer.save_checkpoint(tmp_path / "ppo.ckpt")
+    loaded = PPOModule.load_from_checkpoint(tmp_path / "ppo.ckpt", map_location="cpu", weights_only=True)
+    assert isinstance(loaded.settings, PPOSettings) and loaded.settings == module.settings
+    assert int(loaded.iterations) == 1 and loaded.hparams.ppo == dataclasses.asdict(module.settings)
+    with pytest.raises(ConfigError, match=r"stage\.train\.kl\.coef"):
+        PPOModule(
+            checkpoints["diffusion"],
+            checkpoints["vqgan"],
+            CLASSES,
+            ppo_cfg(train={"kl": {"adaptive": False}}),
+        )
 
 
 def test_best_checkpoint_is_the_iteration_with_the_best_validation_probe(checkpoints, tmp_path: Path) -> None:
