@@ -40,17 +40,13 @@ from mrrl.settings import from_config
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import build_trainer, checkpoint_outputs, fit, last_checkpoint
 from mrrl.utils.checkpoints import safe_load
-from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.io import atomic_write_json, atomic_write_text, json_normalise
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 DONE_FILE = "done.json"
-
-
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def data_identity(datamodule) -> dict[str, Any]:
@@ -75,7 +71,7 @@ def run_key(cfg: DictConfig, protocol: Protocol, seed: int, synthetic: Mapping[s
     key.update(protocol=protocol.key, seed=int(seed), trainer=stage.get("trainer") or {}, data=data)
     if protocol.generator is not None:
         key.update(pretrain=stage.get("pretrain"), generator=protocol.identity(), synthetic=dict(synthetic))
-    return _normalise(key)
+    return json_normalise(key)
 
 
 def read_json(path: Path) -> Any:

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import manifest_path, read_manifest
 from mrrl.training.ranks import RankShard
-from mrrl.utils.io import atomic_save_npy, atomic_write_json
+from mrrl.utils.io import atomic_save_npy, atomic_write_json, file_identity, json_normalise
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,6 @@ class VolumeSet:
     generation: dict[str, Any] | None = None  # diffusion rows: the sampler settings this row was made with
 
 
-def file_identity(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "model"
 
@@ -257,10 +251,6 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
 # ---------------------------------------------------------------------------------------------- volume cache
 
 
-def _normalise(key: Mapping[str, Any]) -> Any:
-    return json.loads(json.dumps(dict(key), sort_keys=True, default=str))
-
-
 def cached_volumes(
     path: Path,
     key: Mapping[str, Any],
@@ -275,7 +265,7 @@ def cached_volumes(
     """
     shard = shard or RankShard()
     sidecar = path.with_suffix(".json")
-    key = _normalise(key)
+    key = json_normalise(dict(key))
     hit = False
     if shard.is_zero and not regenerate and path.is_file() and sidecar.is_file():
         try:

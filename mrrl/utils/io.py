@@ -95,3 +95,15 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [finite_or_none(v) for v in obj]
     return obj
+
+
+def json_normalise(obj: Any) -> Any:
+    """``obj`` as it reads back from sorted-key JSON (tuples → lists, paths → str): comparable with a stored key."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What tells a file apart from a replaced one (resolved path, size, mtime): part of cache keys."""
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
