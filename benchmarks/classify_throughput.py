@@ -64,6 +64,7 @@ def build_module(preset: dict):
         class_names=["class0", "class1"],
         net=net,
         optim={**stage["finetune"], "scheduler": "none"},
+        threshold=float(stage["threshold"]),
     )
 
 

@@ -153,15 +153,10 @@ def ppo_config(args, preset: dict, k: int) -> dict:
     stage.seed = 0
     cfg = OmegaConf.to_container(stage, resolve=True)
     assert isinstance(cfg, dict)
-    cfg.update(
-        num_steps=k,
-        rollout_batch_size=args.rollout_batch or preset["rollout_batch"],
-        train_batch_size=args.train_batch or preset["train_batch"],
-        fid_every=0,
-        figure_every=10**9,
-        speed=speed_config(args),
-    )
-    cfg.pop("trainer", None)
+    cfg["sample"].update(num_steps=k, batch_size=args.rollout_batch or preset["rollout_batch"])
+    cfg["train"].update(batch_size=args.train_batch or preset["train_batch"])
+    cfg["probe"].update(every=0)
+    cfg["figures"].update(every=10**9)
     return cfg
 
 
@@ -178,11 +173,14 @@ def run_case(args: argparse.Namespace) -> dict:
     cfg = ppo_config(args, preset, k)
     with tempfile.TemporaryDirectory() as folder:
         vq_path, diff_path = build_checkpoints(preset, size, Path(folder))
-        module = PPOModule(diff_path, vq_path, CLASSES, cfg, reward_ckpts=None)
+        module = PPOModule(diff_path, vq_path, CLASSES, cfg, reward_ckpts=None, speed=speed_config(args))
     shape = (1, size, size, size)
     r3d = build_reward_net("r3d", shape, preset["r3d"]).eval().requires_grad_(False)
     r2d = build_reward_net("r2d", shape, preset["r2d"]).eval().requires_grad_(False)
-    module.reward_fn = MultiScaleReward(r3d, r2d, float(cfg["w3d"]), float(cfg["w2d"]))
+    reward = cfg["reward"]
+    module.reward_fn = MultiScaleReward(
+        r3d, r2d, float(reward["w3d"]), float(reward["w2d"]), float(reward["uncertainty_penalty"])
+    )
     phases: dict[str, list[float]] = {"rollout": [], "update": []}
 
     def timed(name: str, fn):
@@ -211,7 +209,7 @@ def run_case(args: argparse.Namespace) -> dict:
     memory = PeakMemory(device).start()
     trainer.fit(module)
     seconds = timer.mean(skip=args.warmup)
-    n = int(cfg["rollout_batch_size"])
+    n = int(cfg["sample"]["batch_size"])
     return {
         "case": args.case,
         "k": k,
@@ -220,7 +218,7 @@ def run_case(args: argparse.Namespace) -> dict:
         "update_s": sum(phases["update"][args.warmup :]) / max(args.iterations, 1),
         "volumes_per_s": n / seconds,
         "rollout_batch": n,
-        "train_batch": int(cfg["train_batch_size"]),
+        "train_batch": int(cfg["train"]["batch_size"]),
         "unet_params_m": sum(p.numel() for p in module.policy.parameters()) / 1e6,
         "size": size,
         "device": device_name(device),

@@ -94,7 +94,7 @@ def train_case(args, kind: str, preset: dict, size: int, device: torch.device) -
         optim=cfg["optim"],
         ranking=cfg["ranking"],
         ranking_weight=float(cfg["ranking_weight"]),
-        slice_targets=bool(cfg["r2d"].get("slice_targets", True)),
+        slice_targets=bool(cfg["r2d"]["slice_targets"]) if kind == "r2d" else False,
     )
     n_steps = args.warmup + args.steps
     images = volumes(batch * n_steps, size)

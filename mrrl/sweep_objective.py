@@ -43,16 +43,16 @@ def check_objective(cfg: DictConfig) -> None:
         raise ConfigError(f"objective={key!r} is not a dotted key (e.g. objective=final_metrics.fid/mean)")
     stage = cfg.stage
     if stage.name == "ppo" and key.startswith("final_metrics.fid/"):
-        every = int(stage.get("fid_every") or 0)
+        every = int(stage.probe.every or 0)
         iterations = int(OmegaConf.select(stage, "trainer.max_epochs", default=None) or 0)
         if every <= 0 or 0 < iterations < every:
             raise ConfigError(
-                f"objective={key} needs PPO's FID probe, which runs every stage.fid_every={every} iterations "
-                f"of stage.trainer.max_epochs={iterations}: set stage.fid_every to a divisor of max_epochs"
+                f"objective={key} needs PPO's FID probe, which runs every stage.probe.every={every} iterations "
+                f"of stage.trainer.max_epochs={iterations}: set stage.probe.every to a divisor of max_epochs"
             )
         if iterations and iterations % every:
             log.warning(
-                "objective %s: the last FID probe runs at iteration %d of %d (stage.fid_every=%d), not on "
+                "objective %s: the last FID probe runs at iteration %d of %d (stage.probe.every=%d), not on "
                 "the final policy",
                 key,
                 iterations - iterations % every,

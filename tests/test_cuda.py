@@ -168,12 +168,12 @@ def test_recomputed_log_probs_give_ratio_one(device: str, autocast: bool) -> Non
 
 def ppo_rollout(device: str, autocast: bool, tmp_path):
     """PPOModule's own rollout on ``device`` (its decode and reward included), clip range 1e-4 (DDPO)."""
-    from test_ppo import PPO_CFG, mean_intensity_reward
+    from test_ppo import mean_intensity_reward, ppo_cfg
 
     from mrrl.ppo.module import PPOModule
 
     ckpts = tiny_checkpoints(tmp_path, CLASSES)
-    module = PPOModule(ckpts["diffusion"], ckpts["vqgan"], CLASSES, {**PPO_CFG, "clip_range": 1e-4})
+    module = PPOModule(ckpts["diffusion"], ckpts["vqgan"], CLASSES, ppo_cfg(train={"clip_range": 1e-4}))
     module.reward_fn = mean_intensity_reward
     module = module.to(device)
     context = bf16(device) if autocast else contextlib.nullcontext()

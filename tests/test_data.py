@@ -255,7 +255,7 @@ def test_augmentation_only_on_train(brats_root: Path, tmp_path: Path) -> None:
     assert torch.equal(dm.datasets["train"][0]["image"], torch.flip(raw, dims=(1,)))
     val_id = dm.datasets["val"].subjects[0].id
     assert torch.equal(dm.datasets["val"][0]["image"], torch.from_numpy(dm.cache.load(val_id)))
-    dm2 = datamodule(brats_root, tmp_path, augment={"crop_margin": 2})
+    dm2 = datamodule(brats_root, tmp_path, augment={"flip_prob": 0.0, "flip_axes": [0], "crop_margin": 2})
     dm2.prepare()
     assert dm2.datasets["train"][0]["image"].shape == raw.shape
 

@@ -1,4 +1,4 @@
-"""Tests for mrrl.metrics: Fréchet distance, extractors, VolumeFID, cache, PR/DC, MS-SSIM diversity."""
+"""Tests for mrrl.metrics: Fréchet distance, extractors, features, cache, PR/DC, MS-SSIM diversity."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from monai.networks.layers import GaussianFilter
 
 from mrrl.metrics.diversity import ms_ssim_diversity, ms_ssim_settings
 from mrrl.metrics.extractors import build_extractor
-from mrrl.metrics.fid import VolumeFID
-from mrrl.metrics.fid_report import compute_fid_report, compute_statistics, extract_features
+from mrrl.metrics.features import compute_statistics, extract_features
 from mrrl.metrics.precision_recall import density_coverage, precision_recall
-from mrrl.metrics.pretrained import load_medicalnet_state
+from mrrl.metrics.pretrained import find_medicalnet_weights, load_medicalnet_state
 from mrrl.metrics.statistics import FeatureAccumulator, FeatureStatistics, frechet_distance
 from mrrl.metrics.stats_cache import RealStatsCache
 
@@ -199,7 +198,9 @@ def test_fid_grows_with_noise_and_blur(name, opts):
     assert all(b > a for a, b in zip(blurred, blurred[1:])), blurred
 
 
-def test_medicalnet_missing_weights_names_the_file(tmp_path):
+def test_medicalnet_missing_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # no weights downloaded by other tools either
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError) as err:
         build_extractor("medicalnet", arch="resnet10", weights_path=tmp_path / "nope.pth")
     msg = str(err.value)
@@ -207,6 +208,23 @@ def test_medicalnet_missing_weights_names_the_file(tmp_path):
     assert "metrics.extractor_options.weights_path=" in msg
     with pytest.raises(FileNotFoundError, match="resnet_18_23dataset.pth"):
         build_extractor("medicalnet", arch="resnet18")
+
+
+def test_medicalnet_weights_found_in_the_torch_hub_and_hugging_face_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert find_medicalnet_weights("resnet10", None) is None
+    snapshot = tmp_path / "hf" / "models--TencentMedicalNet--MedicalNet-Resnet10" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "resnet_10_23dataset.pth").write_bytes(b"x")
+    assert find_medicalnet_weights("resnet10", None) == snapshot / "resnet_10_23dataset.pth"
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet_10_23dataset.pth").write_bytes(b"x")
+    assert find_medicalnet_weights("resnet10", None) == hub / "resnet_10_23dataset.pth"  # torch hub first
+    assert (
+        find_medicalnet_weights("resnet10", tmp_path / "elsewhere.pth") is None
+    )  # a given path is not replaced
 
 
 def test_medicalnet_loads_tencent_style_checkpoint(tmp_path):
@@ -251,44 +269,12 @@ def test_inception_without_torch_fidelity_says_how_to_install(monkeypatch):
         build_extractor("inception2d")
 
 
-# --------------------------------------------------------------------------- VolumeFID and cache
+# --------------------------------------------------------------------------- real-statistics cache
 
 
-def test_volume_fid_merges_rank_states_like_ddp():
+def test_real_stats_cache_reused(tmp_path):
     extractor = build_extractor("random3d")
-    real, fake = brain_volumes(8, 16, seed=0), brain_volumes(8, 16, seed=1) + 0.1
-    full = VolumeFID(extractor)
-    full.update(real, real=True)
-    full.update(fake, real=False)
-    expected = full.compute()
-
-    other = VolumeFID(extractor)
-
-    def fake_all_gather(tensor, group=None):  # what gather_all_tensors returns on 2 ranks
-        partner = {id(getattr(rank0, k)): getattr(other, k) for k in rank0._defaults}
-        return [tensor, partner[id(tensor)]]
-
-    rank0 = VolumeFID(extractor, dist_sync_fn=fake_all_gather, distributed_available_fn=lambda: True)
-    for metric, half in ((rank0, slice(0, 4)), (other, slice(4, 8))):
-        metric.update(real[half], real=True)
-        metric.update(fake[half], real=False)
-    torch.testing.assert_close(rank0.compute(), expected, rtol=1e-9, atol=1e-9)
-    assert int(rank0.real_n) == 4, "states are restored (unsynced) after compute"
-    gathered = rank0.statistics(real=True)  # e.g. to fill the real-statistics cache from all ranks
-    assert gathered.n == 8 and gathered.meta["extractor"] == extractor.identity
-    torch.testing.assert_close(gathered.cov, full.statistics(real=True).cov, rtol=1e-9, atol=1e-12)
-
-    merged = VolumeFID(extractor)
-    merged.update(real[:4], real=True)
-    merged.update(fake[:4], real=False)
-    merged.merge_state(other)
-    torch.testing.assert_close(merged.compute(), expected, rtol=1e-9, atol=1e-9)
-    assert float(expected) > 0
-
-
-def test_real_stats_cache_reused_and_used_by_volume_fid(tmp_path):
-    extractor = build_extractor("random3d")
-    real, fake = brain_volumes(6, 16, seed=0), brain_volumes(6, 16, seed=1)
+    real = brain_volumes(6, 16, seed=0)
     cache = RealStatsCache(tmp_path / "cache")
     key = {"dataset": "phantom", "split": "test", "class": "tumor", "extractor": extractor, "image_size": 16}
     calls = []
@@ -303,27 +289,6 @@ def test_real_stats_cache_reused_and_used_by_volume_fid(tmp_path):
     assert torch.equal(first.cov, second.cov) and second.meta["extractor"] == extractor.identity
     cache.get_or_compute({**key, "split": "train"}, compute)
     assert len(calls) == 2
-
-    direct = VolumeFID(extractor)
-    direct.update(real, real=True)
-    direct.update(fake, real=False)
-    cached = VolumeFID(extractor, real_statistics=second)
-    cached.update(fake, real=False)
-    torch.testing.assert_close(cached.compute(), direct.compute(), rtol=1e-8, atol=1e-8)
-    cached.reset()
-    cached.update(fake[:3], real=False)
-    cached.update(fake[3:], real=False)
-    torch.testing.assert_close(cached.compute(), direct.compute(), rtol=1e-8, atol=1e-8)
-    keep_real = VolumeFID(extractor, reset_real_features=False)
-    keep_real.update(real, real=True)
-    keep_real.update(real, real=False)
-    keep_real.reset()
-    keep_real.update(fake, real=False)
-    torch.testing.assert_close(keep_real.compute(), direct.compute(), rtol=1e-8, atol=1e-8)
-    with pytest.raises(RuntimeError, match="set_real_statistics"):
-        cached.update(real, real=True)
-    with pytest.raises(ValueError, match="recompute"):
-        VolumeFID(build_extractor("random3d", seed=1), real_statistics=second)
 
 
 # --------------------------------------------------------------------------- PR / DC, diversity, report
@@ -361,19 +326,14 @@ def test_ms_ssim_diversity_identical_vs_independent():
     assert ms_ssim_diversity(noise) < value < 0.999
 
 
-def test_compute_fid_report_two_extractors_per_class_and_all():
+def test_extract_features_reads_tensors_or_batches():
     extractors = [build_extractor("random3d"), build_extractor("random2d", slice_size=32, n_slices=2)]
-    real = {"CN": brain_volumes(6, 16, seed=0), "AD": brain_volumes(6, 16, seed=1)}
-    fake = {"CN": real["CN"].clone(), "AD": list((real["AD"] + 0.3).split(4))}  # tensors or batches
-    rows = compute_fid_report(real, fake, extractors, batch_size=4)
-    assert [(r["extractor"], r["class"]) for r in rows] == [
-        (e, c) for e in ("random3d", "random2d") for c in ("CN", "AD", "All")
-    ]
-    by = {(r["extractor"], r["class"]): r for r in rows}
-    assert by["random2d", "All"]["n_real"] == 12 * 3 * 2 and by["random3d", "AD"]["n_fake"] == 6
-    for e in ("random3d", "random2d"):
-        assert by[e, "CN"]["fid"] == pytest.approx(0.0, abs=1e-6) and by[e, "CN"]["precision"] == 1.0
-        assert by[e, "AD"]["fid"] > 10 * max(by[e, "CN"]["fid"], 1e-6)
-        assert by[e, "AD"]["precision"] < 1.0
+    real = {"CN": brain_volumes(6, 16, seed=0)}
+    by_tensor = extract_features(extractors, real["CN"], batch_size=4)
+    by_batches = extract_features(extractors, list(real["CN"].split(4)))
+    assert (
+        all(torch.allclose(a, b) for a, b in zip(by_tensor, by_batches))
+        and by_tensor[1].shape[0] == 6 * 3 * 2
+    )
     (f3d,) = extract_features(extractors[:1], real["CN"], batch_size=5)
     assert f3d.shape == (6, 512)

@@ -137,8 +137,8 @@ def test_ppo_fid_objective_needs_the_probe_and_plain_configs_compose(tmp_path) -
     def cfg(*overrides: str):
         return compose_cfg(["stage=ppo", "objective=final_metrics.fid/mean", *overrides], tmp_path)
 
-    check_objective(cfg())  # fid_every=10 of 200 iterations
-    for bad in (["stage.fid_every=0"], ["stage.fid_every=10", "stage.trainer.max_epochs=5"]):
+    check_objective(cfg())  # probe.every=10 of 200 iterations
+    for bad in (["stage.probe.every=0"], ["stage.probe.every=10", "stage.trainer.max_epochs=5"]):
         with pytest.raises(ConfigError, match="needs PPO's FID probe"):
             check_objective(cfg(*bad))
     with pytest.raises(ConfigError, match="not a dotted key"):
@@ -166,8 +166,8 @@ def test_sweeper_configs_extend_the_plugin(tmp_path) -> None:
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_.endswith("TPESampler")
     assert sweeper.direction == "minimize" and sweeper.n_jobs == 1 and sweeper.sampler.seed == 0
     assert dict(sweeper.params) == {
-        "stage.kl_coef": "tag(log, interval(0.001, 0.3))",
-        "stage.lr": "tag(log, interval(1.0e-6, 3.0e-4))",
+        "stage.train.kl.coef": "tag(log, interval(0.001, 0.3))",
+        "stage.train.lr": "tag(log, interval(1.0e-6, 3.0e-4))",
         "objective": "final_metrics.fid/mean",
     }
     assert (
@@ -238,17 +238,17 @@ def test_ppo_optuna_sweep_through_the_cli(brats, tmp_path) -> None:
         "logger=none",
         f"stage.diffusion_ckpt={ckpts['diffusion']}",
         f"stage.vqgan_ckpt={ckpts['vqgan']}",
-        f"stage.r3d_ckpt={ckpts['r3d']}",
-        "stage.w2d=0",
-        "stage.num_steps=4",
-        "stage.rollout_batch_size=4",
-        "stage.train_batch_size=4",
-        "stage.min_step_std=0",
-        "stage.decode_quantize=false",
-        "stage.fid_every=1",
-        "stage.fid_probe_n=2",
-        "stage.fid_probe_split=train",  # 1 validation volume per class here; the probe needs 2
-        "stage.figure_every=100",
+        f"stage.reward.r3d_ckpt={ckpts['r3d']}",
+        "stage.reward.w2d=0",
+        "stage.sample.num_steps=4",
+        "stage.sample.batch_size=4",
+        "stage.train.batch_size=4",
+        "stage.train.min_step_std=0",
+        "stage.sample.decode_quantize=false",
+        "stage.probe.every=1",
+        "stage.probe.n=2",
+        "stage.probe.split=train",  # 1 validation volume per class here; the probe needs 2
+        "stage.figures.every=100",
         "stage.progress_bar=false",
         "stage.trainer.max_epochs=1",
         "hydra.sweeper.n_trials=2",
@@ -261,11 +261,12 @@ def test_ppo_optuna_sweep_through_the_cli(brats, tmp_path) -> None:
     for job in sweeps[0].glob("job*"):
         manifest = json.loads((job / "manifest.json").read_text())
         stage = manifest["config"]["stage"]
-        assert 0.001 <= stage["kl_coef"] <= 0.3 and 1e-6 <= stage["lr"] <= 3e-4
+        coef, lr = stage["train"]["kl"]["coef"], stage["train"]["lr"]
+        assert 0.001 <= coef <= 0.3 and 1e-6 <= lr <= 3e-4
         assert "objective=final_metrics.fid/mean" in (job / ".hydra" / "overrides.yaml").read_text()
-        values[(stage["kl_coef"], stage["lr"])] = manifest["outputs"]["final_metrics"]["fid/mean"]
+        values[(coef, lr)] = manifest["outputs"]["final_metrics"]["fid/mean"]
     results = OmegaConf.load(sweeps[0] / "optimization_results.yaml")
-    best = (results.best_params["stage.kl_coef"], results.best_params["stage.lr"])
+    best = (results.best_params["stage.train.kl.coef"], results.best_params["stage.train.lr"])
     assert results.best_value == min(values.values()) == values[best]
 
     # The study is in <run_root>/<experiment>/ppo/optuna.db under a fixed name: the same command continues it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,40 +23,62 @@ from mrrl.ppo.kl import KLController
 from mrrl.ppo.module import PPOModule, rollout_sampling, save_policy_as_diffusion_checkpoint
 from mrrl.ppo.multiscale_reward import MultiScaleReward
 from mrrl.ppo.selection import BestTracker
+from mrrl.ppo.settings import KLSettings, PPOSettings, ppo_settings
 from mrrl.ppo.surrogate import clipped_surrogate, ppo_step_stats
 from mrrl.reward.ensemble import RewardEnsemble
 
 CLASSES = ["HGG", "LGG"]
-PPO_CFG = {
-    "w3d": 0.5,
-    "w2d": 0.5,
-    "kl_coef": 0.01,
-    "clip_range": 0.2,
-    "adv_clip": 5.0,
-    "stat_buffer": 64,
-    "stat_min_count": 4,
-    "num_steps": 4,
-    "sampler": "ddim",
-    "eta": 1.0,
-    "rollout_batch_size": 8,
-    "train_batch_size": 4,
-    "inner_epochs": 1,
-    "timestep_fraction": 1.0,
-    "lr": 3e-4,
-    "weight_decay": 0.0,
-    "min_step_std": 0.0,
-    "grad_clip": 1.0,
-    "trainable": "all",
-    "buffer_dtype": "float32",
+PPO_CFG = {  # the stage=ppo settings (conf/stage/ppo.yaml's groups) at test size
     "seed": 0,
-    "fid_every": 0,
-    "fid_select": "kid",
-    "kl": {"adaptive": False, "target": 0.01, "error_clip": 0.2, "horizon": 2},
-    "reward": {"uncertainty_penalty": 0.0},
-    "figure_every": 1000,
-    "figure_volumes": 1,
-    "decode_quantize": False,
+    "sample": {
+        "sampler": "ddim",
+        "num_steps": 4,
+        "eta": 1.0,
+        "batch_size": 8,
+        "buffer_dtype": "float32",
+        "decode_quantize": False,
+    },
+    "train": {
+        "lr": 3e-4,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "clip_range": 0.2,
+        "batch_size": 4,
+        "inner_epochs": 1,
+        "timestep_fraction": 1.0,
+        "min_step_std": 0.0,
+        "trainable": "all",
+        "kl": {"coef": 0.01, "adaptive": False, "target": 0.01, "error_clip": 0.2, "horizon": 2},
+    },
+    "reward": {
+        "w3d": 0.5,
+        "w2d": 0.5,
+        "r3d_ckpt": None,
+        "r2d_ckpt": None,
+        "uncertainty_penalty": 0.0,
+        "stat_buffer": 64,
+        "stat_min_count": 4,
+        "adv_clip": 5.0,
+    },
+    "probe": {
+        "every": 0,
+        "n": 2,
+        "split": "val",
+        "extractor": "random3d",
+        "extractor_options": {"seed": 1},
+        "select": "kid",
+    },
+    "figures": {"every": 1000, "volumes": 1},
 }
+
+
+def ppo_cfg(**groups) -> dict:
+    """``PPO_CFG`` with some keys of its groups replaced: ``ppo_cfg(sample={"num_steps": 6})``."""
+    return {
+        key: {**value, **groups.get(key, {})} if isinstance(value, dict) else groups.get(key, value)
+        for key, value in PPO_CFG.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +105,8 @@ class UpsamplingDecoder(torch.nn.Module):
         return torch.nn.functional.interpolate(z[:, :1], scale_factor=4, mode="nearest")
 
 
-def make_module(checkpoints, **overrides) -> PPOModule:
-    module = PPOModule(checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, {**PPO_CFG, **overrides})
+def make_module(checkpoints, **groups) -> PPOModule:
+    module = PPOModule(checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, ppo_cfg(**groups))
     module.reward_fn = mean_intensity_reward
     return module
 
@@ -143,7 +166,7 @@ def test_unchanged_policy_has_ratio_one_and_zero_kl(checkpoints) -> None:
 @pytest.mark.parametrize("buffer_dtype", ["float32", "bfloat16"])
 def test_ratio_is_exactly_one_on_an_unchanged_policy(checkpoints, buffer_dtype: str) -> None:
     """The old log-probs are computed on exactly what the buffer stores, whatever its dtype."""
-    module = make_module(checkpoints, buffer_dtype=buffer_dtype)
+    module = make_module(checkpoints, sample={"buffer_dtype": buffer_dtype})
     buffer = module.rollout()
     assert buffer["latents"].dtype == getattr(torch, buffer_dtype)
     idx = torch.arange(buffer["log_probs"].shape[0])
@@ -161,12 +184,13 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) ->
     torch.manual_seed(0)
     module = make_module(
         checkpoints,
-        kl_coef=0.01,
-        num_steps=10,
-        min_step_std=0.05,
-        rollout_batch_size=32,
-        train_batch_size=8,
-        lr=5e-4,
+        sample={"num_steps": 10, "batch_size": 32},
+        train={
+            "kl": {**PPO_CFG["train"]["kl"], "coef": 0.01},
+            "min_step_std": 0.05,
+            "batch_size": 8,
+            "lr": 5e-4,
+        },
     )
     # Brighter volumes are better, and brightness is the mean of the first latent channel: the optimum is known.
     module._frozen["vqgan"] = UpsamplingDecoder()
@@ -204,7 +228,7 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) ->
 
 def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch) -> None:
     """Memory does not grow with K: each timestep's loss is backpropagated before the next is built."""
-    module = make_module(checkpoints, num_steps=6)
+    module = make_module(checkpoints, sample={"num_steps": 6})
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -284,7 +308,7 @@ class _RecordingPPO(PPOModule):
 
 def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoints, tmp_path: Path) -> None:
     module = _RecordingPPO(
-        checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, {**PPO_CFG, "stat_min_count": 100}
+        checkpoints["diffusion"], checkpoints["vqgan"], CLASSES, ppo_cfg(reward={"stat_min_count": 100})
     )
     module.reward_fn = mean_intensity_reward
     module.record_dir = str(tmp_path)
@@ -318,23 +342,23 @@ def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoin
 
 def test_adaptive_kl_coefficient_rises_above_target_and_falls_below() -> None:
     kl = {"adaptive": True, "target": 0.1, "error_clip": 0.2, "horizon": 2}
-    controller = KLController.from_config(0.05, kl)
+    controller = KLController.from_settings(KLSettings(coef=0.05, **kl))
     assert controller.update(0.3) == pytest.approx(0.05 * 1.1)  # KL 3× target: error clipped to +0.2, /2
     assert controller.update(0.11) == pytest.approx(0.05 * 1.1 * 1.05)  # 10 % above: +0.1 / 2
     rising = controller.coef
     assert controller.update(0.0) == pytest.approx(rising * 0.9)  # far below: −0.2 / 2
     assert controller.coef < rising
     assert controller.update(0.1) == pytest.approx(rising * 0.9)  # on target: unchanged
-    fixed = KLController.from_config(0.05, {**kl, "adaptive": False})
+    fixed = KLController.from_settings(KLSettings(coef=0.05, **{**kl, "adaptive": False}))
     assert fixed.update(10.0) == 0.05 and fixed.update(0.0) == 0.05
     with pytest.raises(ConfigError, match="kl.target"):
-        KLController.from_config(0.05, {**kl, "target": 0.0})
+        KLController.from_settings(KLSettings(coef=0.05, **{**kl, "target": 0.0}))
 
 
 def test_adaptive_kl_is_applied_and_logged_in_training(checkpoints, tmp_path: Path) -> None:
     """A target far above any KL reached: β falls every iteration, and ppo/kl_coef logs the β used."""
     kl = {"adaptive": True, "target": 1.0e6, "error_clip": 0.2, "horizon": 1}
-    module = make_module(checkpoints, kl=kl, kl_coef=0.1)
+    module = make_module(checkpoints, train={"kl": {**kl, "coef": 0.1}})
     trainer = _trainer(tmp_path, 3, logger=CSVLogger(tmp_path, name="", version=""))
     trainer.fit(module)
     assert module.kl.coef == pytest.approx(0.1 * 0.8**3)
@@ -356,6 +380,24 @@ def _trainer(tmp_path: Path, epochs: int, logger=False) -> L.Trainer:
     )
 
 
+def test_a_lightning_checkpoint_rebuilds_the_typed_settings(checkpoints, tmp_path: Path) -> None:
+    """The hparams hold plain dicts (weights_only); load_from_checkpoint turns them back into PPOSettings."""
+    module = make_module(checkpoints, sample={"num_steps": 3, "batch_size": 2}, train={"batch_size": 2})
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module)
+    trainer.save_checkpoint(tmp_path / "ppo.ckpt")
+    loaded = PPOModule.load_from_checkpoint(tmp_path / "ppo.ckpt", map_location="cpu", weights_only=True)
+    assert isinstance(loaded.settings, PPOSettings) and loaded.settings == module.settings
+    assert int(loaded.iterations) == 1 and loaded.hparams.ppo == dataclasses.asdict(module.settings)
+    with pytest.raises(ConfigError, match=r"stage\.train\.kl\.coef"):
+        PPOModule(
+            checkpoints["diffusion"],
+            checkpoints["vqgan"],
+            CLASSES,
+            ppo_cfg(train={"kl": {"adaptive": False}}),
+        )
+
+
 def test_best_checkpoint_is_the_iteration_with_the_best_validation_probe(checkpoints, tmp_path: Path) -> None:
     scripted = [0.5, 0.3, 0.1, 0.4, 0.2]  # probes at iterations 0 (before any update), 1, 2, 3, 4
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -365,7 +407,7 @@ def test_best_checkpoint_is_the_iteration_with_the_best_validation_probe(checkpo
         snapshots[iteration] = {k: v.detach().clone() for k, v in module.policy.unet.state_dict().items()}
         return {"kid/mean": scripted[iteration], "fid/mean": 10.0 - iteration}  # FID would pick iteration 4
 
-    module = make_module(checkpoints, fid_every=1, fid_select="kid", lr=1e-3)
+    module = make_module(checkpoints, probe={"every": 1, "select": "kid"}, train={"lr": 1e-3})
     module.fid_probe = probe
     module.best_path = tmp_path / "ppo_best.ckpt"
     trainer = _trainer(tmp_path, 4, logger=CSVLogger(tmp_path, name="", version=""))
@@ -415,11 +457,11 @@ def test_ensemble_penalty_lowers_the_reward_where_members_disagree() -> None:
 
 
 def test_fine_tuned_checkpoint_records_its_rollout_sampler(checkpoints, tmp_path: Path) -> None:
-    module = make_module(checkpoints, num_steps=3, eta=1.0, rollout_batch_size=4)
+    module = make_module(checkpoints, sample={"num_steps": 3, "eta": 1.0, "batch_size": 4})
     out = save_policy_as_diffusion_checkpoint(module, checkpoints["diffusion"], tmp_path / "ppo.ckpt")
     hp = torch.load(out, map_location="cpu", weights_only=False)["hyper_parameters"]
     base = torch.load(checkpoints["diffusion"], map_location="cpu", weights_only=False)["hyper_parameters"]
-    assert hp["sampling"] == rollout_sampling(module.cfg)
+    assert hp["sampling"] == rollout_sampling(module.settings.sample)
     assert hp["sampling"]["num_steps"] == 3 and hp["sampling"]["eta"] == 1.0
     assert hp["base_sampling"] == base.get("sampling")
     # evaluate/classify with sampler keys null sample each checkpoint the way its own sampling says
@@ -461,10 +503,10 @@ def test_validation_probe_reads_only_the_validation_split(
 
     data = probe_data
     stage = [
-        "stage.num_steps=3",
-        "stage.fid_probe_n=2",
-        "stage.rollout_batch_size=2",
-        "stage.decode_quantize=false",
+        "stage.sample.num_steps=3",
+        "stage.probe.n=2",
+        "stage.sample.batch_size=2",
+        "stage.sample.decode_quantize=false",
     ]
     cfg = compose_cfg(["stage=ppo", *data, *stage], tmp_path / "runs")
     datamodule = build_datamodule(cfg).prepare()
@@ -473,7 +515,7 @@ def test_validation_probe_reads_only_the_validation_split(
     monkeypatch.setattr(
         datamodule, "dataset", lambda split, **kw: asked.append(split) or original(split, **kw)
     )
-    probe = ValidationProbe(cfg, datamodule)
+    probe = ValidationProbe(ppo_settings(cfg.stage), datamodule, cfg.paths.experiment_dir)
     val, test = set(datamodule.splits["val"]), set(datamodule.splits["test"])
     read = {i for ids in probe.real_ids.values() for i in ids}
     assert set(asked) == {"val"} and read == val and len(read) == 4 and not read & test
@@ -482,18 +524,18 @@ def test_validation_probe_reads_only_the_validation_split(
     assert set(asked) == {"val"}  # sampling and scoring read no real volume
     assert {"fid/HGG", "fid/LGG", "fid/mean", "kid/HGG", "kid/LGG", "kid/mean"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
-    with pytest.raises(ConfigError, match="fid_probe_split.*test split"):
-        ValidationProbe(
-            compose_cfg(["stage=ppo", *data, "stage.fid_probe_split=test"], tmp_path / "runs"), datamodule
-        )
+    with pytest.raises(ConfigError, match="probe.split.*test split"):
+        ppo_settings(compose_cfg(["stage=ppo", *data, "stage.probe.split=test"], tmp_path / "runs").stage)
     # The probe must not see the world through the reward data's extractor.
     extractor = build_extractor("random3d", in_channels=1, seed=0)
     write_manifest(
         Path(cfg.paths.experiment_dir) / "reward_data", "reward_data", {"extractor": extractor.identity}
     )
-    same = ["stage.fid_extractor_options.seed=0"]
+    same = ppo_settings(
+        compose_cfg(["stage=ppo", *data, "stage.probe.extractor_options.seed=0"], tmp_path / "runs").stage
+    )
     with pytest.raises(ConfigError, match="labelled the reward data"):
-        ValidationProbe(compose_cfg(["stage=ppo", *data, *same], tmp_path / "runs"), datamodule)
+        ValidationProbe(same, datamodule, cfg.paths.experiment_dir)
 
 
 def test_evaluate_takes_the_final_or_the_best_ppo_policy(tmp_path: Path) -> None:
@@ -539,19 +581,19 @@ def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
     stage = [
         f"stage.diffusion_ckpt={checkpoints['diffusion']}",
         f"stage.vqgan_ckpt={checkpoints['vqgan']}",
-        f"stage.r3d_ckpt={tmp_path / 'r3d.ckpt'}",
-        "stage.w2d=0",
-        "stage.num_steps=3",
-        "stage.rollout_batch_size=4",
-        "stage.train_batch_size=4",
-        "stage.min_step_std=0",
-        "stage.decode_quantize=false",
-        "stage.fid_every=1",
-        "stage.fid_probe_n=2",
-        "stage.figure_every=100",
+        f"stage.reward.r3d_ckpt={tmp_path / 'r3d.ckpt'}",
+        "stage.reward.w2d=0",
+        "stage.sample.num_steps=3",
+        "stage.sample.batch_size=4",
+        "stage.train.batch_size=4",
+        "stage.train.min_step_std=0",
+        "stage.sample.decode_quantize=false",
+        "stage.probe.every=1",
+        "stage.probe.n=2",
+        "stage.figures.every=100",
         "stage.progress_bar=false",
         "stage.trainer.max_epochs=2",
-        "stage.kl.adaptive=true",
+        "stage.train.kl.adaptive=true",
         "logger=none",
     ]
     cfg = compose_cfg(["stage=ppo", *probe_data, *stage], tmp_path / "runs")

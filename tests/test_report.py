@@ -481,8 +481,8 @@ def test_ablation_configs_reuse_the_brats_run(tmp_path: Path) -> None:
     )
     assert list(sparse.pipeline.stages) == ["reward_data", "reward", "ppo", "evaluate", "classify"]
     only_3d = compose_config(["experiment=ablation_3d_only", "stage=ppo", root])
-    assert (only_3d.stage.w3d, only_3d.stage.w2d) == (1.0, 0.0)
-    assert only_3d.stage.r3d_ckpt == f"{tmp_path}/brats2019/reward/r3d/checkpoints/best.ckpt"
+    assert (only_3d.stage.reward.w3d, only_3d.stage.reward.w2d) == (1.0, 0.0)
+    assert only_3d.stage.reward.r3d_ckpt == f"{tmp_path}/brats2019/reward/r3d/checkpoints/best.ckpt"
     assert only_3d.stage.diffusion_ckpt == f"{tmp_path}/brats2019/diffusion/checkpoints/best.ckpt"
     assert list(only_3d.pipeline.stages) == ["ppo", "evaluate", "classify"]
     evaluate = compose_config(["experiment=ablation_3d_only", "stage=evaluate", root])

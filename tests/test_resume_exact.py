@@ -188,7 +188,7 @@ def test_ppo_resumes_exactly(tmp_path: Path) -> None:
         cfg = compose_cfg(
             ["stage=ppo", "logger=none", "stage.progress_bar=false", "stage.trainer.max_epochs=3"], tmp_path
         )
-        module = make_module(checkpoints, rollout_batch_size=4, train_batch_size=2, num_steps=3)
+        module = make_module(checkpoints, sample={"batch_size": 4, "num_steps": 3}, train={"batch_size": 2})
         trainer, _ = build_trainer(cfg, run_dir)
         fit(trainer, module, None, run_dir)
 

@@ -465,8 +465,9 @@ def test_augmentation_changes_training_inputs_but_not_labels(dataset_dir: Path) 
     # In the module: the network sees augmented volumes in training and the originals in validation;
     # the rewards and groups the losses use are the batch's own.
     net = {"arch": "resnet10", "width": 4, "conv1_kernel": 3}
-    optim, ranking = {"lr": 1e-3}, {"kind": "logistic"}
-    module = RewardModule("r3d", SHAPE, net, optim, ranking, augment=augment)
+    optim = {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "none", "min_lr": 0.0}
+    ranking = {"kind": "logistic", "margin": 0.1, "scale": 1.0}
+    module = RewardModule("r3d", SHAPE, net, optim, ranking, 0.1, True, augment=augment)
     seen: list[torch.Tensor] = []
     module.net.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
     targets: list[torch.Tensor] = []
@@ -480,7 +481,7 @@ def test_augmentation_changes_training_inputs_but_not_labels(dataset_dir: Path) 
     module.eval()
     module.validation_step(batch, 0)
     torch.testing.assert_close(seen[-1], batch["image"])
-    plain = RewardModule("r3d", SHAPE, net, optim, ranking)
+    plain = RewardModule("r3d", SHAPE, net, optim, ranking, 0.1, True)
     assert plain.augment is None
 
 
@@ -499,7 +500,7 @@ def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
     assert [Path(m).parent.parent.name for m in members] == ["r3d", "r3d_m1"]
     a, b = (load_reward_model(m).state_dict() for m in members)
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # different seeds
-    ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.w2d=0"], tmp_path)
+    ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.reward.w2d=0"], tmp_path)
     assert _reward_checkpoints(ppo)["r3d"] == members
     with pytest.raises(ConfigError, match="ensemble_size"):
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.ensemble_size=0"))

@@ -410,11 +410,11 @@ def test_ppo_policy_is_checkpointed_in_eval_mode_with_identical_gradients(
     stage = OmegaConf.load(REPO_ROOT / "conf" / "stage" / "ppo.yaml")
     stage.seed = 0
     cfg = OmegaConf.to_container(stage, resolve=True)
-    cfg.update(num_steps=3, rollout_batch_size=4, fid_every=0, decode_quantize=False, min_step_std=0.0)
+    cfg["sample"].update(num_steps=3, batch_size=4, decode_quantize=False)
+    cfg["train"].update(min_step_std=0.0)
+    cfg["probe"].update(every=0)
     speeds = [None, {"gradient_checkpointing": True}, {"channels_last": True, "gradient_checkpointing": True}]
-    modules = [
-        ppo_stage.PPOModule(ckpts["diffusion"], ckpts["vqgan"], CLASSES, {**cfg, "speed": s}) for s in speeds
-    ]
+    modules = [ppo_stage.PPOModule(ckpts["diffusion"], ckpts["vqgan"], CLASSES, cfg, speed=s) for s in speeds]
     for m in modules:
         m.reward_fn = lambda volumes: {"total": volumes.float().mean(dim=(1, 2, 3, 4))}
     assert checkpointed_blocks(modules[1].policy.unet) and not checkpointed_blocks(modules[1].reference.unet)

@@ -8,19 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mrrl.data.datamodule import TrainAugment
+from mrrl.data.datamodule import build_augment
 from mrrl.data.train_val import TrainValDataModule
-
-
-def build_augment(augment: Mapping[str, Any] | None) -> TrainAugment | None:
-    """The DataModule's random flip + shifted crop, from ``stage.augment`` (None when nothing is on)."""
-    augment = dict(augment or {})
-    aug = TrainAugment(
-        flip_prob=float(augment.get("flip_prob", 0.0) or 0.0),
-        flip_axes=tuple(int(a) for a in augment.get("flip_axes", (0,))),
-        crop_margin=int(augment.get("crop_margin", 0) or 0),
-    )
-    return aug if aug.active else None
 
 
 class SyntheticDataset(Dataset):

@@ -8,7 +8,9 @@ from one to the other; the optimiser starts fresh).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,27 @@ from monai.networks.nets import resnet
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
 from mrrl.errors import ConfigError
+from mrrl.settings import from_config
 from mrrl.utils.checkpoints import safe_load
 
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")
 MONITORS = {"val/auc": "max", "val/accuracy": "max", "val/f1": "max", "val/loss": "min"}
+SCHEDULERS = ("cosine", "none")
+
+
+@dataclass(frozen=True)
+class PhaseOptimSettings:
+    """The optimiser of one training phase, ``stage.pretrain`` or ``stage.finetune`` (AdamW)."""
+
+    lr: float
+    weight_decay: float
+    scheduler: str | None  # cosine (over the phase's max_epochs) | none (null = none)
+
+    def __post_init__(self) -> None:
+        if (self.scheduler or "none") not in SCHEDULERS:
+            raise ConfigError(
+                f"the classifier's scheduler must be 'cosine' or 'none', got {self.scheduler!r}"
+            )
 
 
 def build_classifier(arch: str, in_channels: int, num_classes: int = 2, **options: Any) -> torch.nn.Module:
@@ -39,25 +58,31 @@ def build_classifier(arch: str, in_channels: int, num_classes: int = 2, **option
 
 class ClassifierModule(L.LightningModule):
     """3D ResNet trained with (optionally class-weighted) cross-entropy; validation logs loss, accuracy,
-    F1 and AUC of the positive class (torchmetrics, so they are gathered over DDP ranks)."""
+    F1 and AUC of the positive class (torchmetrics, so they are gathered over DDP ranks).
+
+    ``optim``: the phase's settings (or a mapping with their keys, as stored in the checkpoint's hparams).
+    """
 
     def __init__(
         self,
         arch: str,
         in_channels: int,
         class_names: Sequence[str],
+        optim: PhaseOptimSettings | Mapping[str, Any],
+        threshold: float,
         positive_index: int = 0,
         net: Mapping[str, Any] | None = None,
-        optim: Mapping[str, Any] | None = None,
         class_weights: Sequence[float] | None = None,
-        threshold: float = 0.5,
     ):
         super().__init__()
+        if not isinstance(optim, PhaseOptimSettings):
+            optim = from_config(PhaseOptimSettings, optim, "stage.<phase>")
+        self.optim_settings = optim
+        optim = dataclasses.asdict(optim)  # plain values in the hparams (weights_only checkpoints)
         self.save_hyperparameters()
         if len(class_names) != 2:
             raise ConfigError(f"the classifier is binary; the data have classes {list(class_names)}")
         self.net = build_classifier(arch, in_channels, 2, **dict(net or {}))
-        self.optim_cfg = dict(optim or {})
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.val_acc = BinaryAccuracy(threshold=threshold)
@@ -92,15 +117,10 @@ class ClassifierModule(L.LightningModule):
         self.log("val/auc", self.val_auc, batch_size=x.shape[0], prog_bar=True)
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        opt = torch.optim.AdamW(
-            self.parameters(), lr=float(cfg.get("lr", 1e-4)), weight_decay=float(cfg.get("weight_decay", 0.0))
-        )
-        scheduler = cfg.get("scheduler") or "none"
-        if scheduler == "none":
+        cfg = self.optim_settings
+        opt = torch.optim.AdamW(self.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+        if (cfg.scheduler or "none") == "none":
             return opt
-        if scheduler != "cosine":
-            raise ConfigError(f"the classifier's scheduler must be 'cosine' or 'none', got {scheduler!r}")
         epochs = max(int(self.trainer.max_epochs or 1), 1)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}

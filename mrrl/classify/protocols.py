@@ -49,17 +49,17 @@ class Protocol:
 
 def _sources_cfg(cfg: DictConfig) -> DictConfig:
     """The config shape :func:`discover_models` reads, from this stage's keys."""
-    gens = cfg.stage.get("generators") or {}
+    gens = cfg.stage.generators
     return OmegaConf.create(
         {
             "paths": {"experiment_dir": str(cfg.paths.experiment_dir)},
             "stage": {
-                "vqgan_ckpt": gens.get("vqgan_ckpt"),
-                "diffusion_ckpt": gens.get("diffusion_ckpt"),
-                "rl_ckpt": gens.get("rl_ckpt"),
+                "vqgan_ckpt": gens.vqgan_ckpt,
+                "diffusion_ckpt": gens.diffusion_ckpt,
+                "rl_ckpt": gens.rl_ckpt,
                 "ppo_checkpoint": cfg.stage.ppo_checkpoint,
-                "use_ema": bool(cfg.stage.get("use_ema", True)),
-                "extra_models": cfg.stage.get("extra_generators") or {},
+                "use_ema": bool(cfg.stage.use_ema),
+                "extra_models": cfg.stage.extra_generators or {},
             },
         }
     )
@@ -105,8 +105,8 @@ def generation_settings(stage: DictConfig) -> GenerationSettings:
         guidance_scale=float(stage.guidance_scale),
         batch_size=int(stage.sample_batch_size),
         seed=int(stage.sample_seed),
-        use_ema=bool(stage.get("use_ema", True)),
-        decode_quantize=None if stage.get("decode_quantize") is None else bool(stage.decode_quantize),
+        use_ema=bool(stage.use_ema),
+        decode_quantize=None if stage.decode_quantize is None else bool(stage.decode_quantize),
     )
 
 

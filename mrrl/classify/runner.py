@@ -33,23 +33,20 @@ from torch.utils.data import Dataset
 
 from mrrl.classify.data import ClassifyDataModule, SyntheticDataset, balanced_class_weights
 from mrrl.classify.metrics import binary_metrics
-from mrrl.classify.model import MONITORS, ClassifierModule, load_weights, predict
+from mrrl.classify.model import MONITORS, ClassifierModule, PhaseOptimSettings, load_weights, predict
 from mrrl.classify.protocols import Protocol
 from mrrl.errors import ConfigError
+from mrrl.settings import from_config
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import build_trainer, checkpoint_outputs, fit, last_checkpoint
 from mrrl.utils.checkpoints import safe_load
-from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.io import atomic_write_json, atomic_write_text, json_normalise
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
 DONE_FILE = "done.json"
-
-
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def data_identity(datamodule) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def run_key(cfg: DictConfig, protocol: Protocol, seed: int, synthetic: Mapping[s
     key.update(protocol=protocol.key, seed=int(seed), trainer=stage.get("trainer") or {}, data=data)
     if protocol.generator is not None:
         key.update(pretrain=stage.get("pretrain"), generator=protocol.identity(), synthetic=dict(synthetic))
-    return _normalise(key)
+    return json_normalise(key)
 
 
 def read_json(path: Path) -> Any:
@@ -138,7 +135,7 @@ class RunContext:
             class_names=self.class_names,
             positive_index=self.positive_index,
             net=OmegaConf.to_container(stage.net, resolve=True),
-            optim=OmegaConf.to_container(stage[phase], resolve=True),
+            optim=from_config(PhaseOptimSettings, stage[phase], f"stage.{phase}"),
             class_weights=class_weights,
             threshold=float(stage.threshold),
         )
@@ -218,7 +215,7 @@ def best_epoch(ckpt: str | Path) -> int | None:
 
 def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: dict) -> dict | None:
     """Train and test one (protocol, seed) run; its ``result.json`` payload (None on ranks other than 0)."""
-    force = bool(ctx.cfg.stage.get("force", False))
+    force = bool(ctx.cfg.stage.force)
     prepare_run_dir(run_dir, key, force)
     start = time.monotonic()
     init = None

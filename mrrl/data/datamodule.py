@@ -22,6 +22,7 @@ from mrrl.data.layouts import (
 )
 from mrrl.data.preprocess import PreprocessConfig, VolumeCache, VolumeError, load_volume
 from mrrl.data.splits import SPLITS, load_or_create_splits, read_split_file
+from mrrl.errors import ConfigError
 
 FORMATS = {"brats": BRATS_CLASSES, "oasis": OASIS_CLASSES}
 
@@ -48,7 +49,7 @@ class VolumeDataset(Dataset):
         self.subjects = list(subjects)
         self.cache = cache
         self.class_to_idx = dict(class_to_idx)
-        self.augment = _build_augment(augment or {})
+        self.augment = build_augment(augment)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -65,11 +66,19 @@ class VolumeDataset(Dataset):
         return {"image": image, "label": torch.tensor(self.class_to_idx[subject.label]), "id": subject.id}
 
 
-def _build_augment(augment: Mapping[str, Any]) -> TrainAugment | None:
+def build_augment(augment: Mapping[str, Any] | None) -> TrainAugment | None:
+    """The random flip + shifted crop of an ``augment`` block (``data.augment``, classify's
+    ``stage.augment``: ``flip_prob``, ``flip_axes``, ``crop_margin``, all required); None when it is None or
+    does nothing."""
+    if augment is None:
+        return None
+    missing = [k for k in ("flip_prob", "flip_axes", "crop_margin") if k not in augment]
+    if missing:
+        raise ConfigError(f"augment block lacks {missing}: the defaults live in conf/ (data.augment)")
     aug = TrainAugment(
-        flip_prob=float(augment.get("flip_prob", 0.0) or 0.0),
-        flip_axes=tuple(int(a) for a in augment.get("flip_axes", (0,))),
-        crop_margin=int(augment.get("crop_margin", 0) or 0),
+        flip_prob=float(augment["flip_prob"] or 0.0),
+        flip_axes=tuple(int(a) for a in augment["flip_axes"]),
+        crop_margin=int(augment["crop_margin"] or 0),
     )
     return aug if aug.active else None
 
@@ -164,7 +173,7 @@ class MRIDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.preprocess_workers = int(preprocess_workers)
-        self.augment = dict(augment or {})
+        self.augment = dict(augment) if augment is not None else None  # None: no augmentation
         self.oasis_options = {
             "csv_path": csv_path,
             "cdr_threshold": float(cdr_threshold),

@@ -38,13 +38,18 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from mrrl.data.layouts import (
+    BRATS_CLASSES,
+    BRATS_MODALITIES,
+    OASIS_CLASSES,
+    OASIS_CSV_COLUMNS,
+    OASIS_CSV_NAME,
+)
+
 log = logging.getLogger(__name__)
 PHANTOM_VERSION = 1
-PHANTOM_CLASSES = {"tumor": ("HGG", "LGG"), "atrophy": ("AD", "CN")}
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+PHANTOM_CLASSES = {"tumor": BRATS_CLASSES, "atrophy": OASIS_CLASSES}  # the layouts they are written in
 MARKER_NAME = ".phantom_complete.json"
-OASIS_CSV_NAME = "oasis_cross-sectional.csv"
-OASIS_COLUMNS = ("ID", "M/F", "Hand", "Age", "Educ", "SES", "MMSE", "CDR", "eTIV", "nWBV", "ASF", "Delay")
 OASIS_SUBJECTS_PER_DISC = 40
 INTENSITY_UNIT = 1000.0  # images are stored as int16; template white matter on T1 is ~870
 
@@ -891,7 +896,7 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(OASIS_COLUMNS))
+        writer = csv.DictWriter(handle, fieldnames=list(OASIS_CSV_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -48,11 +48,11 @@ def _ppo_probe_identity(experiment_dir: str, in_channels: int) -> str | None:
     recorded = (manifest["outputs"].get("probe") or {}).get("extractor")
     if recorded:
         return str(recorded)
-    stage = (manifest.get("config") or {}).get("stage") or {}
-    name = stage.get("fid_extractor")
-    if not name or not int(stage.get("fid_every") or 0):
+    probe = ((manifest.get("config") or {}).get("stage") or {}).get("probe") or {}
+    name = probe.get("extractor")
+    if not name or not int(probe.get("every") or 0):
         return None
-    options = {"in_channels": in_channels, **dict(stage.get("fid_extractor_options") or {})}
+    options = {"in_channels": in_channels, **dict(probe.get("extractor_options") or {})}
     return build_extractor(str(name), **options).identity
 
 

@@ -21,7 +21,7 @@ def real_class_statistics(datamodule, split: str, class_name: str, extractor, ca
 
     Returns ``(volumes, ids, statistics)``; ``cache`` is a :class:`mrrl.metrics.RealStatsCache`.
     """
-    from mrrl.metrics.fid_report import compute_statistics
+    from mrrl.metrics.features import compute_statistics
 
     real, ids = real_class_set(datamodule, split, class_name)
     key = {

@@ -22,7 +22,7 @@ from torch import Tensor
 from mrrl.errors import ConfigError
 from mrrl.metrics.diversity import ms_ssim_diversity
 from mrrl.metrics.extractors import VolumeFeatureExtractor, build_extractor
-from mrrl.metrics.fid_report import extract_features
+from mrrl.metrics.features import extract_features
 from mrrl.metrics.precision_recall import prdc
 from mrrl.metrics.statistics import FeatureStatistics
 from mrrl.metrics.stats_cache import RealStatsCache

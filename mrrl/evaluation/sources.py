@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import CHECKPOINT_KEYS, resolve_checkpoint
 from mrrl.training.ranks import RankShard
-from mrrl.utils.io import atomic_save_npy, atomic_write_json
+from mrrl.utils.io import atomic_save_npy, atomic_write_json, file_identity, json_normalise
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class GenerationSettings:
             guidance_scale=float(stage.guidance_scale),
             batch_size=int(stage.sample_batch_size),
             seed=int(stage.seed),
-            use_ema=bool(stage.get("use_ema", True)),
-            decode_quantize=None if stage.get("decode_quantize") is None else bool(stage.decode_quantize),
+            use_ema=bool(stage.use_ema),
+            decode_quantize=None if stage.decode_quantize is None else bool(stage.decode_quantize),
         )
 
     def for_checkpoint(self, ckpt: str | Path) -> GenerationSettings:
@@ -164,12 +164,6 @@ class VolumeSet:
     generation: dict[str, Any] | None = None  # diffusion rows: the sampler settings this row was made with
 
 
-def file_identity(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "model"
 
@@ -215,9 +209,9 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
     """
     specs: list[ModelSpec] = []
     missing: dict[str, str] = {}
-    use_ema = bool(cfg.stage.get("use_ema", True))
+    use_ema = bool(cfg.stage.use_ema)
     for row in DEFAULT_ROWS:
-        override = cfg.stage.get(row.override)
+        override = cfg.stage[row.override]
         ckpt_keys = (
             PPO_CHECKPOINT_KEYS[ppo_checkpoint(cfg)] if row.key == "rl" else CHECKPOINT_KEYS[row.stage]
         )
@@ -231,16 +225,12 @@ def discover_models(cfg: DictConfig) -> tuple[list[ModelSpec], dict[str, str]]:
             missing[row.key] = f"{ROW_LABELS[row.key]}: {exc}"
             continue
         specs.append(ModelSpec(row.key, ROW_LABELS[row.key], row.kind, ckpt))
-    for name, value in (cfg.stage.get("extra_models") or {}).items():
+    for name, value in (cfg.stage.extra_models or {}).items():
         specs.append(_extra_spec(str(name), value))
     return specs, missing
 
 
 # ---------------------------------------------------------------------------------------------- volume cache
-
-
-def _normalise(key: Mapping[str, Any]) -> Any:
-    return json.loads(json.dumps(dict(key), sort_keys=True, default=str))
 
 
 def cached_volumes(
@@ -257,7 +247,7 @@ def cached_volumes(
     """
     shard = shard or RankShard()
     sidecar = path.with_suffix(".json")
-    key = _normalise(key)
+    key = json_normalise(dict(key))
     hit = False
     if shard.is_zero and not regenerate and path.is_file() and sidecar.is_file():
         try:

@@ -6,7 +6,9 @@ torch-fidelity fetches its own weights, which needs internet).
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -24,39 +26,87 @@ from mrrl.metrics.extractors import (
     seeded_resnet,
 )
 
-MEDICALNET_HF = "https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{depth}"
 MEDICALNET_GITHUB = "https://github.com/Tencent/MedicalNet"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_KEY = "metrics.extractor_options.weights_path"
 
 
 def medicalnet_filename(arch: str) -> str:
+    """Tencent's file name of a MedicalNet ResNet (``resnet10`` → ``resnet_10_23dataset.pth``)."""
     return f"resnet_{arch.removeprefix('resnet')}_23dataset.pth"
 
 
-def resolve_medicalnet_weights(arch: str, weights_path: str | Path | None) -> Path:
-    """The checkpoint file (``weights_path`` may also be a folder holding it), or a FileNotFoundError
-    that says what to download from where and which config key to set."""
+def medicalnet_hf_repo(arch: str) -> str:
+    """The Hugging Face repository of a MedicalNet ResNet (what MONAI's ``resnetN(pretrained=True)`` reads)."""
+    return f"TencentMedicalNet/MedicalNet-Resnet{arch.removeprefix('resnet')}"
+
+
+def medicalnet_cache_candidates(arch: str, hub_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where MedicalNet weights already downloaded by other tools lie, in order (existing or not):
+
+    1. ``<hub_dir or torch.hub.get_dir()>/checkpoints/<file>`` (torch hub's checkpoint folder);
+    2. the Hugging Face cache MONAI's ``resnetN(pretrained=True)`` fills (``$HF_HUB_CACHE`` or
+       ``$HF_HOME/hub``, default ``~/.cache/huggingface/hub``).
+    """
     filename = medicalnet_filename(arch)
-    path = Path(weights_path).expanduser() if weights_path else None
-    if path is not None and path.is_dir():
-        path = path / filename
-    if path is not None and path.is_file():
-        return path
-    where = f"not found at '{path}'" if path is not None else "not configured (no weights_path given)"
-    depth = arch.removeprefix("resnet")
-    raise FileNotFoundError(
-        f"MedicalNet {arch} weights {where}. Download '{filename}' from "
-        f"{MEDICALNET_HF.format(depth=depth)} (files tab) or from the Tencent MedicalNet release "
-        f"linked in {MEDICALNET_GITHUB}, then set {WEIGHTS_KEY}=/path/to/{filename}"
+    hub = Path(hub_dir) if hub_dir is not None else Path(torch.hub.get_dir())
+    out = [hub / "checkpoints" / filename]
+    hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
+    repo_dir = Path(hf_cache) / ("models--" + medicalnet_hf_repo(arch).replace("/", "--"))
+    out += [Path(p) for p in sorted(glob.glob(str(repo_dir / "snapshots" / "*" / filename)))]
+    return out
+
+
+def medicalnet_download_hint(arch: str) -> str:
+    """What to download from where (mrrl never downloads weights at run time)."""
+    return (
+        f"Download '{medicalnet_filename(arch)}' from https://huggingface.co/{medicalnet_hf_repo(arch)} (files "
+        f"tab) or from the Tencent MedicalNet release linked in {MEDICALNET_GITHUB}"
+    )
+
+
+def find_medicalnet_weights(
+    arch: str, weights_path: str | os.PathLike | None, hub_dir: str | os.PathLike | None = None
+) -> Path | None:
+    """The weights file of a MedicalNet ResNet, or None: ``weights_path`` (a file or a folder holding it) when
+    given, else the first existing :func:`medicalnet_cache_candidates` entry."""
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        path = path / medicalnet_filename(arch) if path.is_dir() else path
+        return path if path.is_file() else None
+    return next((p for p in medicalnet_cache_candidates(arch, hub_dir) if p.is_file()), None)
+
+
+def resolve_medicalnet_weights(arch: str, weights_path: str | Path | None) -> Path:
+    """:func:`find_medicalnet_weights`, or a FileNotFoundError that says what to download from where and
+    which config key to set."""
+    found = find_medicalnet_weights(arch, weights_path)
+    if found is not None:
+        return found
+    filename = medicalnet_filename(arch)
+    where = (
+        f"not found at '{Path(weights_path).expanduser()}'"
+        if weights_path
+        else "not configured (no weights_path given, none in the torch hub or Hugging Face caches)"
+    )
+    raise FileNotFoundError(
+        f"MedicalNet {arch} weights {where}. {medicalnet_download_hint(arch)}, "
+        f"then set {WEIGHTS_KEY}=/path/to/{filename}"
+    )
+
+
+def plain_state_dict(checkpoint: Any) -> dict[str, Tensor]:
+    """A state dict from a weights file's content: ``{"state_dict": ...}`` unwrapped, ``module.`` (DataParallel)
+    prefixes stripped (MedicalNet's files have both)."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def load_medicalnet_state(net: nn.Module, path: Path) -> None:
     """Load a MedicalNet checkpoint: unwrap ``state_dict``, strip ``module.``, drop the ``conv_seg`` head."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = plain_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     state = {k: v for k, v in state.items() if not k.startswith(("conv_seg.", "fc."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -9,19 +9,22 @@ so β changes by at most a factor ``1 ± e / horizon`` per iteration.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mrrl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mrrl.ppo.settings import KLSettings
 
 
 class KLController:
     def __init__(self, coef: float, adaptive: bool, target: float, error_clip: float, horizon: float):
         if coef < 0:
-            raise ConfigError(f"stage.kl_coef must be ≥ 0, got {coef}")
+            raise ConfigError(f"stage.train.kl.coef must be ≥ 0, got {coef}")
         if adaptive and not (target > 0 and error_clip > 0 and horizon > 0 and coef > 0):
             raise ConfigError(
-                "stage.kl.adaptive needs stage.kl_coef > 0 (the starting β), kl.target > 0, kl.error_clip > 0 "
-                f"and kl.horizon > 0; got kl_coef={coef}, target={target}, error_clip={error_clip}, "
+                "stage.train.kl.adaptive needs kl.coef > 0 (the starting β), kl.target > 0, kl.error_clip > 0 "
+                f"and kl.horizon > 0; got coef={coef}, target={target}, error_clip={error_clip}, "
                 f"horizon={horizon}"
             )
         self.coef = float(coef)
@@ -31,13 +34,10 @@ class KLController:
         self.horizon = float(horizon)
 
     @classmethod
-    def from_config(cls, kl_coef: float, kl: Mapping[str, Any]) -> KLController:
+    def from_settings(cls, kl: KLSettings) -> KLController:
+        """From ``stage.train.kl``."""
         return cls(
-            float(kl_coef),
-            bool(kl["adaptive"]),
-            float(kl["target"]),
-            float(kl["error_clip"]),
-            float(kl["horizon"]),
+            float(kl.coef), bool(kl.adaptive), float(kl.target), float(kl.error_clip), float(kl.horizon)
         )
 
     def update(self, kl: float) -> float:

@@ -4,6 +4,7 @@ updates with a KL penalty to the frozen pretrained policy."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +30,10 @@ from mrrl.ppo.advantages import PerClassRewardNormalizer
 from mrrl.ppo.kl import KLController
 from mrrl.ppo.multiscale_reward import MultiScaleReward
 from mrrl.ppo.selection import BestTracker
+from mrrl.ppo.settings import PPOSettings, SampleSettings
 from mrrl.ppo.surrogate import clipped_surrogate, ppo_step_stats
 from mrrl.reward.ensemble import RewardEnsemble
+from mrrl.settings import from_config
 from mrrl.training.speed import (
     SpeedOptions,
     enable_activation_checkpointing,
@@ -62,18 +65,34 @@ class _IterationDataset(torch.utils.data.Dataset):
 
 
 class PPOModule(L.LightningModule):
+    """``ppo``: the typed settings (or their ``dataclasses.asdict``, as stored in the checkpoint's hparams);
+    ``speed``: the ``stage.speed`` block (None: all off)."""
+
     def __init__(
         self,
         diffusion_ckpt: str,
         vqgan_ckpt: str,
         class_names: Sequence[str],
-        ppo: Mapping[str, Any],
+        ppo: PPOSettings | Mapping[str, Any],
         reward_ckpts: Mapping[str, str | Sequence[str] | None] | None = None,
+        speed: SpeedOptions | Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.settings = ppo if isinstance(ppo, PPOSettings) else from_config(PPOSettings, ppo, "stage")
+        self.speed = SpeedOptions.from_config(speed)
+        # Plain values in the hparams: load_from_checkpoint rebuilds the settings from them (weights_only).
+        self.save_hyperparameters(
+            {
+                "diffusion_ckpt": diffusion_ckpt,
+                "vqgan_ckpt": vqgan_ckpt,
+                "class_names": list(class_names),
+                "ppo": dataclasses.asdict(self.settings),
+                "reward_ckpts": None if reward_ckpts is None else dict(reward_ckpts),
+                "speed": self.speed.to_dict(),
+            }
+        )
         self.automatic_optimization = False
-        self.cfg = dict(ppo)
+        s = self.settings
         loaded = load_diffusion(diffusion_ckpt, use_ema=True)
         self.policy = loaded.denoiser.requires_grad_(True)
         self.scale_factor = loaded.scale_factor
@@ -83,7 +102,7 @@ class PPOModule(L.LightningModule):
             raise ConfigError(
                 f"diffusion classes {loaded.class_names} differ from the data's {self.class_names}"
             )
-        self._select_trainable(self.cfg.get("trainable", "all"))
+        self._select_trainable(s.train.trainable)
         # Frozen helpers live outside the module tree: never trained, never in the DDP bucket or checkpoints.
         # The reference keeps requires_grad=True like the policy (it is only ever called under no_grad and is
         # in no optimiser): CPU kernels differ with the flag, and an unchanged policy must give KL = 0 exactly.
@@ -91,7 +110,6 @@ class PPOModule(L.LightningModule):
             "reference": copy.deepcopy(loaded.denoiser).eval(),
             "vqgan": load_vqgan(vqgan_ckpt),
         }
-        self.speed = SpeedOptions.from_config(self.cfg.get("speed"))
         if self.speed.channels_last:  # policy and reference alike: an unchanged policy keeps KL = 0
             to_channels_last_3d(self.policy.unet)
             to_channels_last_3d(self.reference.unet)
@@ -113,24 +131,18 @@ class PPOModule(L.LightningModule):
             self.reward_fn = MultiScaleReward(
                 models.get("r3d"),
                 models.get("r2d"),
-                self.cfg["w3d"],
-                self.cfg["w2d"],
-                float(self.cfg["reward"]["uncertainty_penalty"]),
+                s.reward.w3d,
+                s.reward.w2d,
+                float(s.reward.uncertainty_penalty),
             )
         self.normalizer = PerClassRewardNormalizer(
             len(self.class_names),
-            int(self.cfg["stat_buffer"]),
-            int(self.cfg["stat_min_count"]),
-            float(self.cfg["adv_clip"]),
+            int(s.reward.stat_buffer),
+            int(s.reward.stat_min_count),
+            float(s.reward.adv_clip),
         )
-        if self.cfg["buffer_dtype"] not in BUFFER_DTYPES:
-            raise ConfigError(
-                f"stage.buffer_dtype must be one of {sorted(BUFFER_DTYPES)}, got {self.cfg['buffer_dtype']!r}"
-            )
-        self.kl = KLController.from_config(float(self.cfg["kl_coef"]), self.cfg["kl"])
-        if self.cfg["fid_select"] not in ("kid", "fid"):
-            raise ConfigError(f"stage.fid_select must be kid or fid, got {self.cfg['fid_select']!r}")
-        self.best = BestTracker(f"{self.cfg['fid_select']}/mean")
+        self.kl = KLController.from_settings(s.train.kl)
+        self.best = BestTracker(f"{s.probe.select}/mean")
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self.fid_probe: Callable[[PPOModule], dict[str, float]] | None = None
@@ -148,7 +160,7 @@ class PPOModule(L.LightningModule):
             param.requires_grad_(any(p.search(name) for p in patterns))
             matched += int(param.requires_grad)
         if not matched:
-            raise ConfigError(f"stage.trainable={trainable} matches no UNet parameter")
+            raise ConfigError(f"stage.train.trainable={trainable} matches no UNet parameter")
 
     def _compile(self) -> None:
         """``stage.speed.compile``: the policy's and the reference's UNets, in place (state_dict keys unchanged).
@@ -181,11 +193,12 @@ class PPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        train = self.settings.train
         return torch.optim.AdamW(
             params,
-            lr=float(self.cfg["lr"]),
-            betas=tuple(self.cfg.get("betas", (0.9, 0.999))),
-            weight_decay=float(self.cfg.get("weight_decay", 1e-4)),
+            lr=float(train.lr),
+            betas=tuple(float(b) for b in train.betas),
+            weight_decay=float(train.weight_decay),
             eps=1e-8,
         )
 
@@ -200,7 +213,7 @@ class PPOModule(L.LightningModule):
     def _rank_generator(self) -> torch.Generator:
         """Different noise on every rank and iteration, reproducible from the seed."""
         rank = self.global_rank if self._trainer is not None else 0
-        seed = int(self.cfg["seed"]) * 1_000_003 + int(self.iterations) * 1009 + rank
+        seed = int(self.settings.seed) * 1_000_003 + int(self.iterations) * 1009 + rank
         return torch.Generator(device="cpu").manual_seed(seed)
 
     def _balanced_labels(self, n: int) -> torch.Tensor:
@@ -228,17 +241,18 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self) -> dict[str, Any]:
-        n = int(self.cfg["rollout_batch_size"])
+        cfg = self.settings.sample
+        n = int(cfg.batch_size)
         labels = self._balanced_labels(n).to(self.device)
-        store = BUFFER_DTYPES[self.cfg["buffer_dtype"]]
+        store = BUFFER_DTYPES[cfg.buffer_dtype]
         # The chain is rounded to the buffer dtype as it is sampled: the old log-probs are computed on exactly
         # the latents the buffer keeps, so an unchanged policy recomputes them bit for bit (ratio = 1).
         latents, trajectory = sample(
             self.policy,
             labels,
-            int(self.cfg["num_steps"]),
-            sampler=self.cfg["sampler"],
-            eta=float(self.cfg["eta"]),
+            int(cfg.num_steps),
+            sampler=cfg.sampler,
+            eta=float(cfg.eta),
             generator=self._rank_generator(),
             shape=self.latent_shape,
             return_trajectory=True,
@@ -249,9 +263,10 @@ class PPOModule(L.LightningModule):
                 "some sampler steps are deterministic (σ=0) and have no log-probability: use eta > 0 with a "
                 "diffusion schedule trained with steps_offset=1, set_alpha_to_one=false"
             )
-        quantize = bool(self.cfg.get("decode_quantize", True))
         volumes = (
-            decode_latents(self.vqgan, latents, self.scale_factor, quantize=quantize).float().clamp(-1, 1)
+            decode_latents(self.vqgan, latents, self.scale_factor, quantize=bool(cfg.decode_quantize))
+            .float()
+            .clamp(-1, 1)
         )
         assert self.reward_fn is not None, "PPOModule needs a reward function"
         rewards = {k: v.detach() for k, v in self.reward_fn(volumes).items()}
@@ -265,7 +280,7 @@ class PPOModule(L.LightningModule):
             .float()
             .cpu(),  # [K], shared by the batch
             "rewards": rewards,
-            "volumes": volumes[: int(self.cfg.get("figure_volumes", 2))].cpu(),
+            "volumes": volumes[: int(self.settings.figures.volumes)].cpu(),
         }
 
     # ------------------------------------------------------------------------------------------ update
@@ -274,30 +289,32 @@ class PPOModule(L.LightningModule):
         x_prev = buffer["latents"][idx, j + 1].to(self.device, torch.float32)
         labels = buffer["labels"][idx].to(self.device)
         t, prev_t = buffer["timesteps"][j], buffer["prev_timesteps"][j]
-        kwargs = {"prev_t": prev_t, "sampler": self.cfg["sampler"], "eta": float(self.cfg["eta"])}
+        sample_cfg, clip_range = self.settings.sample, float(self.settings.train.clip_range)
+        kwargs = {"prev_t": prev_t, "sampler": sample_cfg.sampler, "eta": float(sample_cfg.eta)}
         new = step_log_prob(self.policy, x_t, x_prev, t, labels, **kwargs)
         old = buffer["log_probs"][idx, j].to(self.device)
-        loss = clipped_surrogate(new.log_prob, old, advantages, float(self.cfg["clip_range"]))
+        loss = clipped_surrogate(new.log_prob, old, advantages, clip_range)
         with torch.no_grad():
             ref = step_log_prob(self.reference, x_t, x_prev, t, labels, **kwargs)
         kl = gaussian_kl_mean(new.mean, ref.mean, new.std)
-        return loss, kl, ppo_step_stats(new.log_prob.detach(), old, float(self.cfg["clip_range"]))
+        return loss, kl, ppo_step_stats(new.log_prob.detach(), old, clip_range)
 
     def update(self, buffer: Mapping[str, Any], advantages: torch.Tensor) -> dict[str, float]:
         optimizer = self.optimizers()
+        train = self.settings.train
         n, k = buffer["log_probs"].shape
-        mb = min(int(self.cfg["train_batch_size"]), n)
+        mb = min(int(train.batch_size), n)
         # Steps whose σ_t is below min_step_std are not trained: their noise barely changes x̂0 (no credit to
         # assign) while their log-prob gradients scale like 1/σ_t and would drown the informative steps.
-        trainable = torch.nonzero(buffer["stds"] >= float(self.cfg.get("min_step_std", 0.0) or 0.0)).flatten()
+        trainable = torch.nonzero(buffer["stds"] >= float(train.min_step_std)).flatten()
         if trainable.numel() == 0:
-            raise ConfigError("stage.min_step_std excludes every sampler step")
-        n_train = max(1, int(round(trainable.numel() * float(self.cfg.get("timestep_fraction", 1.0)))))
+            raise ConfigError("stage.train.min_step_std excludes every sampler step")
+        n_train = max(1, int(round(trainable.numel() * float(train.timestep_fraction))))
         beta = self.kl.coef
         totals = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
         count = 0
         generator = self._rank_generator()
-        for _ in range(int(self.cfg["inner_epochs"])):
+        for _ in range(int(train.inner_epochs)):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, mb):
                 idx = order[start : start + mb]
@@ -319,7 +336,7 @@ class PPOModule(L.LightningModule):
                         count += 1
                 self._average_gradients()
                 if self._finite_gradients():
-                    clip = self.cfg.get("grad_clip")
+                    clip = train.grad_clip
                     if clip:
                         self.clip_gradients(
                             optimizer, gradient_clip_val=float(clip), gradient_clip_algorithm="norm"
@@ -367,10 +384,10 @@ class PPOModule(L.LightningModule):
         logs["ppo/skipped_updates"] = float(self.skipped_updates)
         logs["ppo/iteration"] = float(self.iterations)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
-        every = int(self.cfg["fid_every"] or 0)
+        every = int(self.settings.probe.every or 0)
         if every and int(self.iterations) % every == 0:
             self._probe(log_now=False)
-        if self.trainer.is_global_zero and int(self.iterations) % int(self.cfg.get("figure_every", 10)) == 0:
+        if self.trainer.is_global_zero and int(self.iterations) % int(self.settings.figures.every) == 0:
             figure = slices_figure(
                 {"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}"
             )
@@ -442,7 +459,7 @@ def save_policy_as_diffusion_checkpoint(
             **base_hparams,
             # The policy was trained on the rollout sampler: later stages sample it that way by default
             # (their sampler keys null = the checkpoint's); the base model's own settings are kept beside.
-            "sampling": rollout_sampling(module.cfg),
+            "sampling": rollout_sampling(module.settings.sample),
             "base_sampling": base_hparams.get("sampling"),
             "fine_tuned_by": "ppo",
             "ppo_iterations": int(module.iterations),
@@ -455,13 +472,13 @@ def save_policy_as_diffusion_checkpoint(
     return Path(out_path)
 
 
-def rollout_sampling(ppo: Mapping[str, Any]) -> dict[str, Any]:
+def rollout_sampling(sample: SampleSettings) -> dict[str, Any]:
     """The sampler the policy was optimised on, in the diffusion checkpoint's ``sampling`` format."""
     return {
-        "sampler": str(ppo["sampler"]),
-        "num_steps": int(ppo["num_steps"]),
-        "eta": float(ppo["eta"]),
+        "sampler": str(sample.sampler),
+        "num_steps": int(sample.num_steps),
+        "eta": float(sample.eta),
         "guidance_scale": 1.0,  # rollouts are unguided
-        "batch_size": int(ppo["rollout_batch_size"]),
-        "decode_quantize": bool(ppo["decode_quantize"]),
+        "batch_size": int(sample.batch_size),
+        "decode_quantize": bool(sample.decode_quantize),
     }

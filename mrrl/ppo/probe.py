@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from mrrl.diffusion.generate import (
-    generate_volumes,
-)
+from mrrl.diffusion.generate import generate_volumes
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.evaluation.real_sets import real_class_set
 from mrrl.manifest import read_manifest
+from mrrl.ppo.settings import PPOSettings
 
 if TYPE_CHECKING:
     from mrrl.ppo.module import PPOModule
 
-PROBE_SPLITS = ("val", "train")  # never "test": the test split is the headline evaluation's alone
 
-
-def check_probe_extractor(cfg: DictConfig, identity: str) -> None:
+def check_probe_extractor(experiment_dir: str | Path, identity: str) -> None:
     """The probe's feature space must not be the reward data's (whose FIDs the reward models learned)."""
     try:
-        outputs = read_manifest(cfg.paths.experiment_dir, "reward_data")["outputs"]
+        outputs = read_manifest(experiment_dir, "reward_data")["outputs"]
     except ManifestError:
         return  # no reward_data manifest (reward models given by path): nothing to compare with
     if outputs.get("extractor") == identity:
         raise ConfigError(
-            f"stage.fid_extractor {identity} is the extractor that labelled the reward data: the probe would "
-            "share the reward's blind spots; pick another extractor or seed (stage.fid_extractor_options)"
+            f"stage.probe.extractor {identity} is the extractor that labelled the reward data: the probe would "
+            "share the reward's blind spots; pick another extractor or seed (stage.probe.extractor_options)"
         )
 
 
@@ -41,31 +38,26 @@ class ValidationProbe:
     reward data nor the headline one (checked against the reward_data manifest when there is one): a probe
     sharing the reward's feature space would reward the same blind spots the policy learns to exploit.
     ``real_ids`` are the subjects it read (the tests check that no test subject is among them).
+    ``experiment_dir``: where the reward_data manifest is looked for.
     """
 
-    def __init__(self, cfg: DictConfig, datamodule, extractor=None):
+    def __init__(self, settings: PPOSettings, datamodule, experiment_dir: str | Path, extractor=None):
         from mrrl.metrics.extractors import build_extractor
-        from mrrl.metrics.fid_report import extract_features
+        from mrrl.metrics.features import extract_features
 
-        stage = cfg.stage
-        self.split = str(stage.fid_probe_split)
-        if self.split not in PROBE_SPLITS:
-            raise ConfigError(
-                f"stage.fid_probe_split must be one of {PROBE_SPLITS} (the test split is for the final "
-                f"evaluation only), got {self.split!r}"
-            )
-        if int(stage.fid_probe_n) < 2:
-            raise ConfigError(
-                f"stage.fid_probe_n must be ≥ 2 (FID/KID need two volumes), got {stage.fid_probe_n}"
-            )
+        probe = settings.probe  # its split was checked when the settings were built
+        self.split = str(probe.split)
+        if int(probe.n) < 2:
+            raise ConfigError(f"stage.probe.n must be ≥ 2 (FID/KID need two volumes), got {probe.n}")
         if extractor is None:
-            options = OmegaConf.to_container(stage.fid_extractor_options, resolve=True) or {}
             extractor = build_extractor(
-                str(stage.fid_extractor), in_channels=datamodule.image_shape[0], **dict(options)
+                str(probe.extractor),
+                in_channels=datamodule.image_shape[0],
+                **dict(probe.extractor_options or {}),
             )
         self.extractor = extractor.eval()
-        check_probe_extractor(cfg, self.extractor.identity)
-        self.stage = stage
+        check_probe_extractor(experiment_dir, self.extractor.identity)
+        self.settings = settings
         self.class_names = list(datamodule.class_names)
         self.real_ids: dict[str, list[str]] = {}
         self.real_features: dict[str, torch.Tensor] = {}
@@ -74,36 +66,36 @@ class ValidationProbe:
             if len(ids) < 2:
                 raise ConfigError(
                     f"the {self.split} split has {len(ids)} {name} volume(s); the probe's FID/KID need ≥ 2: "
-                    "raise data.val_fraction, or set stage.fid_probe_split=train or stage.fid_every=0"
+                    "raise data.val_fraction, or set stage.probe.split=train or stage.probe.every=0"
                 )
             self.real_ids[name] = list(ids)
             (self.real_features[name],) = extract_features([self.extractor], volumes, 8, "cpu")
 
     @torch.no_grad()
     def __call__(self, module: PPOModule) -> dict[str, float]:
-        from mrrl.metrics.fid_report import extract_features
+        from mrrl.metrics.features import extract_features
         from mrrl.metrics.kid import kid as kernel_inception_distance
         from mrrl.metrics.statistics import FeatureStatistics
 
-        stage = self.stage
+        sample = self.settings.sample
         self.extractor.to(module.device)
         out: dict[str, float] = {}
-        generator = torch.Generator().manual_seed(int(stage.seed))
+        generator = torch.Generator().manual_seed(int(self.settings.seed))
         fid, kid = {}, {}
         for label, name in enumerate(module.class_names):
-            labels = torch.full((int(stage.fid_probe_n),), label)
+            labels = torch.full((int(self.settings.probe.n),), label)
             volumes = generate_volumes(
                 module.policy,
                 module.vqgan,
                 module.scale_factor,
                 labels,
                 module.latent_shape,
-                num_steps=int(stage.num_steps),
-                sampler=stage.sampler,
-                eta=float(stage.eta),
-                batch_size=int(stage.rollout_batch_size),
+                num_steps=int(sample.num_steps),
+                sampler=sample.sampler,
+                eta=float(sample.eta),
+                batch_size=int(sample.batch_size),
                 generator=generator,
-                quantize=bool(stage.decode_quantize),
+                quantize=bool(sample.decode_quantize),
             )
             (fake,) = extract_features([self.extractor], volumes, 8, module.device)
             real = self.real_features[name]

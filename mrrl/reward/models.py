@@ -80,10 +80,10 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
             f"reward model weights_path {path} does not exist: put the state dict there "
             "(nothing is downloaded) or set weights_path=null to start from random weights"
         )
-    state = safe_load(path)
-    state = state.get("state_dict", state)
+    from mrrl.metrics.pretrained import plain_state_dict
+
+    state = plain_state_dict(safe_load(path))
     own = net.state_dict()
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     net.load_state_dict(usable, strict=False)
     log.info("loaded %d/%d tensors of %s into the reward backbone", len(usable), len(own), path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,10 +13,11 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.regression import SpearmanCorrCoef
 
 from mrrl.data.train_val import TrainValDataModule
-from mrrl.errors import ConfigError
 from mrrl.reward.augment import RewardAugment
-from mrrl.reward.losses import RANKING_LOSSES, PairwiseRankingAccuracy, pairwise_ranking_loss
+from mrrl.reward.losses import PairwiseRankingAccuracy, pairwise_ranking_loss
 from mrrl.reward.models import build_reward_net
+from mrrl.reward.settings import RankingSettings, RewardOptimSettings
+from mrrl.settings import from_config
 
 MONITORS = {
     "spearman": ("val/spearman", "max"),
@@ -38,25 +40,26 @@ class RewardModule(L.LightningModule):
         kind: str,
         image_shape: Sequence[int],
         net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        ranking: Mapping[str, Any],
-        ranking_weight: float = 0.1,
+        optim: RewardOptimSettings | Mapping[str, Any],
+        ranking: RankingSettings | Mapping[str, Any],
+        ranking_weight: float,
+        slice_targets: bool,
         target_mean: float = 0.0,
         target_std: float = 1.0,
-        slice_targets: bool = True,
         dataset_dir: str = "",
         augment: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        if not isinstance(optim, RewardOptimSettings):
+            optim = from_config(RewardOptimSettings, optim, "stage.optim")
+        if not isinstance(ranking, RankingSettings):
+            ranking = from_config(RankingSettings, ranking, "stage.ranking")
+        self.optim_settings, self.ranking_settings = optim, ranking
+        # The hparams keep plain dicts (weights_only checkpoints; load_from_checkpoint rebuilds the settings).
+        optim, ranking = dataclasses.asdict(optim), dataclasses.asdict(ranking)
         self.save_hyperparameters()
         self.augment = RewardAugment.from_config(augment)  # training batches only; None = off
-        if ranking.get("kind", "logistic") not in RANKING_LOSSES:
-            raise ConfigError(
-                f"stage.ranking.kind must be one of {RANKING_LOSSES}, got {ranking.get('kind')!r}"
-            )
         self.net = build_reward_net(kind, tuple(image_shape), net, target_mean, target_std)
-        self.optim_cfg = dict(optim)
-        self.ranking_cfg = dict(ranking)
         self.val_mse = MeanSquaredError()
         self.val_spearman = SpearmanCorrCoef()
         self.val_rank = PairwiseRankingAccuracy()
@@ -81,9 +84,9 @@ class RewardModule(L.LightningModule):
                 scores,
                 rewards,
                 groups,
-                kind=self.ranking_cfg.get("kind", "logistic"),
-                margin=float(self.ranking_cfg.get("margin", 0.1)),
-                scale=float(self.ranking_cfg.get("scale", 1.0)),
+                kind=self.ranking_settings.kind,
+                margin=float(self.ranking_settings.margin),
+                scale=float(self.ranking_settings.scale),
             )
             loss = loss + weight * rank
             logs["train/rank_loss"] = rank.detach()
@@ -110,23 +113,18 @@ class RewardModule(L.LightningModule):
         self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=True)
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
+        cfg = self.optim_settings
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params,
-            lr=float(cfg.get("lr", 1e-4)),
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            weight_decay=float(cfg.get("weight_decay", 1e-4)),
+            lr=float(cfg.lr),
+            betas=tuple(float(b) for b in cfg.betas),
+            weight_decay=float(cfg.weight_decay),
         )
-        scheduler = cfg.get("scheduler", "cosine")
-        if scheduler in (None, "none"):
+        if cfg.scheduler in (None, "none"):
             return opt
-        if scheduler != "cosine":
-            raise ConfigError(f"stage.optim.scheduler must be 'cosine' or 'none', got {scheduler!r}")
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=epochs, eta_min=float(cfg.get("min_lr", 0.0))
-        )
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=float(cfg.min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
 
 

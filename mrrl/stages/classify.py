@@ -19,7 +19,6 @@ predictions and trains only what is missing or stale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,11 @@ from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks
 from mrrl.training.runtime import build_datamodule
-from mrrl.utils.io import atomic_write_json
+from mrrl.utils.io import atomic_write_json, finite_or_none
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
-    seeds = [int(s) for s in (cfg.stage.get("seeds") or [])]
+    seeds = [int(s) for s in (cfg.stage.seeds or [])]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"stage.seeds must be a non-empty list of distinct ints, got {seeds}")
     return seeds
@@ -54,7 +53,7 @@ def check_config(cfg: DictConfig, in_channels: int) -> None:
     stage = cfg.stage
     if stage.monitor not in MONITORS:
         raise ConfigError(f"stage.monitor must be one of {tuple(MONITORS)}, got {stage.monitor!r}")
-    if stage.get("class_weights") not in (None, "balanced"):
+    if stage.class_weights not in (None, "balanced"):
         raise ConfigError(f"stage.class_weights must be null or 'balanced', got {stage.class_weights!r}")
     if not 0.0 < float(stage.threshold) < 1.0:
         raise ConfigError(f"stage.threshold must be in (0, 1), got {stage.threshold}")
@@ -74,7 +73,7 @@ def check_config(cfg: DictConfig, in_channels: int) -> None:
 def _positive_index(cfg: DictConfig, class_names: list[str]) -> int:
     if len(class_names) != 2:
         raise ConfigError(f"the classify stage is binary; data.classes is {class_names}")
-    positive = cfg.stage.get("positive_class") or class_names[0]
+    positive = cfg.stage.positive_class or class_names[0]
     if positive not in class_names:
         raise ConfigError(f"stage.positive_class={positive!r} is not one of the data's classes {class_names}")
     return class_names.index(positive)
@@ -144,7 +143,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         for p in protocols
         for s in seeds
     ]
-    force = bool(stage.get("force", False))
+    force = bool(stage.force)
     done = {} if force else {(r.protocol.key, r.seed): finished_result(r.dir, r.key) for r in plan}
     device = generation_device(cfg, fabric)
     synthetic = SyntheticSlot(
@@ -155,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             run_dir / "synthetic",
             device,
             vqgan_ckpt=vqgan,
-            regenerate=bool(stage.get("regenerate", False)),
+            regenerate=bool(stage.regenerate),
             shard=RankShard(fabric),
         )
     )
@@ -197,7 +196,7 @@ def write_outputs(cfg: DictConfig, run_dir: Path, summary: Mapping[str, Any]) ->
     """The tables, ``metrics.json`` and the manifest (per-seed and aggregated metrics of every protocol)."""
     title = f"Table 3 ({summary['experiment']}, {summary['dataset']}): downstream classification"
     tables = write_tables(run_dir, summary, title)
-    metrics_json = atomic_write_json(run_dir / "metrics.json", _finite_or_none(summary))
+    metrics_json = atomic_write_json(run_dir / "metrics.json", finite_or_none(summary))
     print(tables["table_md"].read_text())
     outputs = {
         **{k: str(v.resolve()) for k, v in tables.items()},
@@ -209,20 +208,9 @@ def write_outputs(cfg: DictConfig, run_dir: Path, summary: Mapping[str, Any]) ->
         "missing": summary["missing"],
         "paired": summary["paired"],
     }
-    outputs = _finite_or_none(outputs)
+    outputs = finite_or_none(outputs)
     write_manifest(run_dir, "classify", outputs, cfg)
     return outputs
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """NaN (one seed's std, a one-class AUC) → None, so the JSON files are strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def _run_summary(r: Mapping[str, Any], threshold: float) -> dict[str, Any]:

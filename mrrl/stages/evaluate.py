@@ -24,7 +24,6 @@ with ``trainer.devices=1``) return at once and write nothing.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule, build_loggers
 from mrrl.training.trainer import release_process_group
-from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.io import atomic_write_json, atomic_write_text, finite_or_none
 
 
 def load_real_sets(datamodule, split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -109,17 +108,6 @@ def _previous_inputs(run_dir: Path) -> Any:
         return None
 
 
-def _finite_or_none(obj: Any) -> Any:
-    """NaN/Inf → None so ``metrics.json`` is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     fabric = launch_ranks(cfg)
     shard = RankShard(fabric)
@@ -129,7 +117,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     specs, missing = discover_models(cfg)
     inputs = inputs_fingerprint(cfg, specs)
-    if is_complete(run_dir) and not cfg.stage.get("force", False) and _previous_inputs(run_dir) == inputs:
+    if is_complete(run_dir) and not cfg.stage.force and _previous_inputs(run_dir) == inputs:
         print(f"evaluate: already evaluated these models in {run_dir} (stage.force=true re-scores)")
         return None
     for reason in missing.values():
@@ -139,7 +127,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     device = generation_device(cfg, fabric)
     datamodule = build_datamodule(cfg).prepare()
-    split = str(cfg.stage.get("split", "test"))
+    split = str(cfg.stage.split)
     real, real_ids = load_real_sets(datamodule, split)
     ctx = VolumeContext(
         class_names=datamodule.class_names,
@@ -149,9 +137,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         settings=GenerationSettings.from_config(cfg.stage),
         samples_dir=run_dir / "samples",
         device=device,
-        regenerate=bool(cfg.stage.get("regenerate", False)),
+        regenerate=bool(cfg.stage.regenerate),
         vqgan_ckpt=next((s.source for s in specs if s.key == "vqgan"), None),
-        reconstruction_batch_size=int(cfg.stage.get("reconstruction_batch_size", 2)),
+        reconstruction_batch_size=int(cfg.stage.reconstruction_batch_size),
         shard=shard,
     )
     made = make_rows_on_all_ranks(specs, ctx) if shard.world > 1 else {}
@@ -160,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return None
 
     scorer = Scorer.build(cfg, datamodule, split, real, real_ids, device)
-    n_fig = int(cfg.stage.get("figure_volumes", 2))
+    n_fig = int(cfg.stage.figure_volumes)
     models, scores, previews, features = [], [], {}, {}
     for spec in specs:
         model, rows, volumes, features[spec.key] = evaluate_row(spec, ctx, scorer, made.get(spec.key))
@@ -180,7 +168,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             features[name] = scorer.features(volumes)
     results.update(uncertainty(cfg, scorer, features, calibration))
     results["headline"] = headline_judge(cfg, scorer.extractors, str(cfg.stage.metrics.headline_extractor))
-    results = _finite_or_none(results)
+    results = finite_or_none(results)
     outputs = write_outputs(cfg, run_dir, results, {c: v[:n_fig] for c, v in real.items()}, previews)
     outputs["inputs"] = inputs
     write_manifest(run_dir, "evaluate", outputs, cfg)
@@ -204,11 +192,11 @@ class Scorer:
     def build(cls, cfg: DictConfig, datamodule, split: str, real, real_ids, device: torch.device) -> Scorer:
         metrics = cfg.stage.metrics
         image_shape = tuple(datamodule.image_shape)
-        options = OmegaConf.to_container(metrics.get("extractor_options") or {}, resolve=True)
+        options = OmegaConf.to_container(metrics.extractor_options or {}, resolve=True)
         extractors = [e.to(device) for e in build_extractors(list(metrics.extractors), options, image_shape)]
         check_headline_name(str(metrics.headline_extractor), extractors)
         batch_size = int(metrics.batch_size)
-        cache_dir = metrics.get("stats_cache_dir") or Path(cfg.paths.cache_dir) / "fid_stats"
+        cache_dir = metrics.stats_cache_dir or Path(cfg.paths.cache_dir) / "fid_stats"
         data_key = {
             "dataset": datamodule.name,
             "root": str(datamodule.root.resolve()),
@@ -223,8 +211,8 @@ class Scorer:
             reference=reference,
             batch_size=batch_size,
             k=int(metrics.prdc_k),
-            with_prdc=bool(metrics.get("with_prdc", True)),
-            diversity_pairs=int(metrics.get("diversity_pairs", 100)),
+            with_prdc=bool(metrics.with_prdc),
+            diversity_pairs=int(metrics.diversity_pairs),
             seed=int(cfg.stage.seed),
             device=device,
         )
@@ -357,9 +345,7 @@ def write_outputs(cfg, run_dir: Path, results, real_preview, previews) -> dict[s
     table_md = atomic_write_text(run_dir / "table2.md", markdown)
     table_csv = write_csv(run_dir / "table2.csv", results)
     metrics_json = atomic_write_json(run_dir / "metrics.json", results)
-    figures = write_figures(
-        run_dir / "figures", real_preview, previews, int(cfg.stage.get("figure_volumes", 2))
-    )
+    figures = write_figures(run_dir / "figures", real_preview, previews, int(cfg.stage.figure_volumes))
     if results.get("calibration"):
         figures.append(write_calibration_figure(run_dir / "figures" / "calibration.png", results))
     print(markdown)

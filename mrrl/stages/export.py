@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 import mrrl
 from mrrl.diffusion.sampling import SAMPLERS
 from mrrl.errors import ConfigError, ManifestError, MrrlError
-from mrrl.evaluation.sources import GenerationSettings, file_identity
+from mrrl.evaluation.sources import GenerationSettings
 from mrrl.export.cohort import (
     DESCRIP,
     PLAN_JSON,
@@ -52,7 +52,7 @@ from mrrl.manifest import CHECKPOINT_KEYS, MANIFEST_NAME, is_complete, resolve_c
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import release_process_group
-from mrrl.utils.io import atomic_write_json, atomic_write_text
+from mrrl.utils.io import atomic_write_json, atomic_write_text, file_identity
 
 COHORT_FORMAT = "mrrl.export.cohort/1"
 MODELS = ("auto", "rl", "standard")

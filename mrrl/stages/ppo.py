@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mrrl.errors import ConfigError, ManifestError
+from mrrl.errors import ManifestError
 from mrrl.manifest import read_manifest, write_manifest
 from mrrl.ppo.module import (
     PPOModule,
@@ -32,10 +32,10 @@ from mrrl.ppo.module import (
     save_policy_as_diffusion_checkpoint,
 )
 from mrrl.ppo.probe import ValidationProbe
+from mrrl.ppo.settings import RewardSettings, ppo_settings
+from mrrl.settings import from_config
 from mrrl.training.runtime import build_datamodule
-from mrrl.training.speed import (
-    SpeedOptions,
-)
+from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit
 from mrrl.utils.checkpoints import safe_load
 
@@ -51,17 +51,17 @@ BEST_CKPT = "ppo_best.ckpt"
 def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | list[str] | None]:
     """Each scale's reward checkpoint, or its list of ensemble members (``stage=reward ensemble_size > 1``).
 
-    ``stage.r3d_ckpt`` / ``r2d_ckpt`` (a path or a list of paths) replace the reward manifest's entries.
+    ``stage.reward.r3d_ckpt`` / ``r2d_ckpt`` (a path or a list of paths) replace the reward manifest's entries.
     """
-    stage = cfg.stage
-    ckpts: dict[str, Any] = {"r3d": stage.get("r3d_ckpt"), "r2d": stage.get("r2d_ckpt")}
-    ckpts = {k: list(v) if OmegaConf.is_list(v) or isinstance(v, list) else v for k, v in ckpts.items()}
-    weights = {"r3d": float(stage.w3d), "r2d": float(stage.w2d)}
+    reward = from_config(RewardSettings, cfg.stage.reward, "stage.reward")
+    ckpts: dict[str, Any] = {"r3d": reward.r3d_ckpt, "r2d": reward.r2d_ckpt}
+    ckpts = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ckpts.items()}
+    weights = {"r3d": float(reward.w3d), "r2d": float(reward.w2d)}
     if any(weights[k] and not ckpts[k] for k in ckpts):
         outputs = read_manifest(
             cfg.paths.experiment_dir,
             "reward",
-            "run `mrrl stage=reward` first or pass stage.r3d_ckpt=<path> stage.r2d_ckpt=<path>",
+            "run `mrrl stage=reward` first or pass stage.reward.r3d_ckpt=<path> stage.reward.r2d_ckpt=<path>",
         )["outputs"]
         for key in ckpts:
             if weights[key] and not ckpts[key]:
@@ -84,7 +84,7 @@ def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | list[str] | None]:
 
 
 def _diffusion_checkpoint(cfg: DictConfig) -> str:
-    ckpt = cfg.stage.get("diffusion_ckpt")
+    ckpt = cfg.stage.diffusion_ckpt
     if not ckpt:
         outputs = read_manifest(cfg.paths.experiment_dir, "diffusion")["outputs"]
         ckpt = outputs.get("best_ckpt") or outputs.get("last_ckpt")
@@ -96,27 +96,30 @@ def _diffusion_checkpoint(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if already_finished(cfg, run_dir):
         return None
-    stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    assert isinstance(stage, dict)
-    if float(stage["eta"]) <= 0:
-        raise ConfigError("stage.eta must be > 0: PPO needs a stochastic sampler (DDIM with eta > 0)")
-    SpeedOptions.from_config(stage.get("speed"))  # bad speed values fail before anything is loaded
+    settings = ppo_settings(cfg.stage)  # bad values fail before anything is loaded
+    speed = SpeedOptions.from_config(cfg.stage.speed)
     datamodule = build_datamodule(cfg).prepare()
     diffusion_ckpt = _diffusion_checkpoint(cfg)
     loaded_hparams = safe_load(diffusion_ckpt)["hyper_parameters"]
-    vqgan_ckpt = stage.get("vqgan_ckpt") or loaded_hparams.get("vqgan_ckpt")
+    vqgan_ckpt = cfg.stage.vqgan_ckpt or loaded_hparams.get("vqgan_ckpt")
     if not vqgan_ckpt:
         vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]
     module = PPOModule(
-        diffusion_ckpt, str(vqgan_ckpt), datamodule.class_names, stage, _reward_checkpoints(cfg)
+        diffusion_ckpt,
+        str(vqgan_ckpt),
+        datamodule.class_names,
+        settings,
+        _reward_checkpoints(cfg),
+        speed,
     )
-    if cfg.stage.get("force", False):
+    force = bool(cfg.stage.force)
+    if force:
         (run_dir / BEST_CKPT).unlink(missing_ok=True)  # a fresh run must not inherit another run's best
-    if int(stage["fid_every"] or 0) > 0:
-        module.fid_probe = ValidationProbe(cfg, datamodule)
+    if settings.probe.enabled:
+        module.fid_probe = ValidationProbe(settings, datamodule, cfg.paths.experiment_dir)
         module.best_path = run_dir / BEST_CKPT
     trainer, _ = build_trainer(cfg, run_dir)
-    fit(trainer, module, None, run_dir, fresh=bool(cfg.stage.get("force", False)))
+    fit(trainer, module, None, run_dir, fresh=force)
     if not trainer.is_global_zero:
         return None
     final = save_policy_as_diffusion_checkpoint(module, diffusion_ckpt, run_dir / FINAL_CKPT)
@@ -125,18 +128,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     outputs = {
         **checkpoint_outputs(run_dir, None),
         "final_ckpt": str(final.resolve()),
-        # Best on the validation probe (stage.fid_select), chosen on validation only; absent without a probe.
+        # Best on the validation probe (stage.probe.select), chosen on validation only; absent without a probe.
         "best_ckpt": str(best.resolve()) if module.fid_probe is not None and best.is_file() else None,
         "probe": {
             **module.best.state_dict(),
             "best_score": module.best.best_score
             if math.isfinite(module.best.best_score)
             else None,  # strict JSON
-            "split": str(stage["fid_probe_split"]),
+            "split": str(settings.probe.split),
             "extractor": module.fid_probe.extractor.identity if module.fid_probe is not None else None,
         },
         "kl_coef_final": module.kl.coef,
-        "sampling": rollout_sampling(stage),
+        "sampling": rollout_sampling(settings.sample),
         "base_diffusion_ckpt": diffusion_ckpt,
         "vqgan_ckpt": str(vqgan_ckpt),
         "iterations": int(module.iterations),

@@ -108,7 +108,7 @@ def train_model(
 ) -> dict[str, Any] | None:
     """Fit one regressor (resuming or skipping as its folder says); on rank 0 evaluate its best checkpoint."""
     stage = cfg.stage
-    force = bool(stage.get("force", False))
+    force = bool(stage.force)
     if is_complete(model_dir) and not force:
         print(f"reward: {kind} already trained in {model_dir}")
         return read_manifest(model_dir.parent, model_dir.name)["outputs"]
@@ -123,7 +123,7 @@ def train_model(
         ranking_weight=float(stage.ranking_weight),
         target_mean=norm["mean"],
         target_std=norm["std"],
-        slice_targets=bool(section.get("slice_targets", True)),
+        slice_targets=bool(section["slice_targets"]) if kind == "r2d" else False,
         dataset_dir=str(dataset_dir.resolve()),
         augment=OmegaConf.to_container(stage.augment, resolve=True),
     )
@@ -178,7 +178,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         int(cfg.seed),
         dataset_dir,
         write=is_zero,
-        force=bool(cfg.stage.get("force", False)),
+        force=bool(cfg.stage.force),
     )
     train_set, val_set = dataset.subset(split["train"]), dataset.subset(split["val"])
     norm = target_normalisation(train_set.rewards, bool(cfg.stage.normalize_targets))

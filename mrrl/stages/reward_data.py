@@ -34,7 +34,7 @@ from mrrl.errors import ConfigError
 from mrrl.evaluation.real_sets import real_class_set, real_class_statistics
 from mrrl.manifest import resolve_checkpoint, write_manifest
 from mrrl.metrics.extractors import build_extractor
-from mrrl.metrics.fid_report import compute_statistics
+from mrrl.metrics.features import compute_statistics
 from mrrl.metrics.statistics import FeatureStatistics
 from mrrl.metrics.stats_cache import RealStatsCache
 from mrrl.reward.dataset import RewardDatasetWriter, group_name
@@ -297,11 +297,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
     start = time.monotonic()
     limits: dict[str, float] = dict(fids.get("_vqgan_limit", {}))
-    bar = tqdm(groups, desc="reward groups", disable=not stage.get("progress_bar", True) or rank != 0)
+    bar = tqdm(groups, desc="reward groups", disable=not stage["progress_bar"] or rank != 0)
     for group in bar:
         bar.set_postfix_str(group.name)
         real, ids, real_stats = real_for(group.class_name)
-        if rank == 0 and stage.get("include_limit", True) and group.class_name not in limits:
+        if rank == 0 and stage["include_limit"] and group.class_name not in limits:
             recon = maker.vqgan_limit(real)
             limits[group.class_name] = compute_statistics(extractor, recon, batch, device).frechet_distance(
                 real_stats

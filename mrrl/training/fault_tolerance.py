@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +247,23 @@ class GracefulStop(Callback):
         self._previous_handlers = {}
 
 
+@dataclass(frozen=True)
+class FaultToleranceSettings:
+    """The top-level ``fault_tolerance`` block of ``conf/config.yaml``."""
+
+    save_on_sigterm: bool
+    requeue: bool | str  # auto | true | false
+    max_requeues: int
+
+
 def graceful_stop_from_config(cfg: Any, ckpt_path: Path) -> GracefulStop:
-    """The callback configured by the top-level ``fault_tolerance`` block (defaults when it is absent)."""
-    settings = cfg.get("fault_tolerance") or {}
+    """The callback configured by the top-level ``fault_tolerance`` block (every key required)."""
+    from mrrl.settings import from_config
+
+    settings = from_config(FaultToleranceSettings, cfg.fault_tolerance, "fault_tolerance")
     return GracefulStop(
         ckpt_path,
-        save=bool(settings.get("save_on_sigterm", True)),
-        requeue=settings.get("requeue", "auto"),
-        max_requeues=int(settings.get("max_requeues", 20)),
+        save=bool(settings.save_on_sigterm),
+        requeue=settings.requeue,
+        max_requeues=int(settings.max_requeues),
     )

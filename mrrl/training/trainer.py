@@ -45,7 +45,7 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def already_finished(cfg: DictConfig, run_dir: Path) -> bool:
-    if is_complete(run_dir) and not cfg.stage.get("force", False):
+    if is_complete(run_dir) and not cfg.stage.force:
         print(f"{cfg.stage.name}: already finished in {run_dir} (stage.force=true retrains)")
         return True
     return False
@@ -124,7 +124,7 @@ def build_trainer(
         callbacks=all_callbacks,
         plugins=[*_as_list(kwargs_plugins), AtomicCheckpointIO()],
         logger=loggers or False,
-        enable_progress_bar=bool(cfg.stage.get("progress_bar", True)),
+        enable_progress_bar=bool(cfg.stage.progress_bar),
         enable_model_summary=False,
     )
     return trainer, best_cb

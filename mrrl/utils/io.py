@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,26 @@ def read_metrics_csv(log_dir: str | os.PathLike) -> list[dict[str, str]]:
             with path.open(newline="") as handle:
                 rows += list(csv.DictReader(handle))
     return rows
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float (nested in mappings and sequences) replaced by None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_normalise(obj: Any) -> Any:
+    """``obj`` as it reads back from sorted-key JSON (tuples → lists, paths → str): comparable with a stored key."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What tells a file apart from a replaced one (resolved path, size, mtime): part of cache keys."""
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
