@@ -588,3 +588,19 @@ def test_paper_gap_uses_the_evaluate_stage_formula(full_report) -> None:
     ]
     assert table_row(section(text, "Table 2").split("Paper (Table 2)")[1], "Gap closed by RL")[1:] == expected
     assert expected[-1] == "47.9 %"  # the paper's headline: RL closes 47.9 % of the standard → limit gap
+
+
+def test_ppo_settings_line_reads_the_grouped_and_the_flat_ppo_config():
+    from mrrl.report.ppo import _ppo_settings
+
+    grouped = {
+        "stage": {
+            "reward": {"w3d": 0.7, "w2d": 0.3},
+            "train": {"kl": {"coef": 0.05}},
+            "sample": {"num_steps": 16},
+        }
+    }
+    flat = {"stage": {"w3d": 0.7, "w2d": 0.3, "kl_coef": 0.05, "num_steps": 16}}
+    expected = "Reward = 0.7·R3D + 0.3·R2D, KL coefficient 0.05, 16 sampler steps per rollout."
+    assert _ppo_settings(grouped) == expected == _ppo_settings(flat)
+    assert _ppo_settings({"stage": {}}) == ""

@@ -22,8 +22,8 @@ from mrrl.diffusion.generate import (
     RAW_PREFIX,
     SCALE_KEY,
     decode_latents,
-    load_diffusion,
 )
+from mrrl.diffusion.loading import load_diffusion_with_vqgan
 from mrrl.diffusion.sampling import sample, step_log_prob
 from mrrl.errors import ConfigError
 from mrrl.ppo.advantages import PerClassRewardNormalizer
@@ -43,7 +43,6 @@ from mrrl.training.speed import (
 from mrrl.utils.checkpoints import safe_load
 from mrrl.utils.io import atomic_path
 from mrrl.utils.viz import log_figure, slices_figure
-from mrrl.vqgan.loading import load_vqgan
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +70,27 @@ class PPOModule(L.LightningModule):
     def __init__(
         self,
         diffusion_ckpt: str,
-        vqgan_ckpt: str,
+        vqgan_ckpt: str | None,
         class_names: Sequence[str],
         ppo: PPOSettings | Mapping[str, Any],
         reward_ckpts: Mapping[str, str | Sequence[str] | None] | None = None,
         speed: SpeedOptions | Mapping[str, Any] | None = None,
+        fallback_vqgan: str | None = None,
     ):
         super().__init__()
         self.settings = ppo if isinstance(ppo, PPOSettings) else from_config(PPOSettings, ppo, "stage")
         self.speed = SpeedOptions.from_config(speed)
+        # The diffusion checkpoint and its VQGAN, each read once (vqgan_ckpt None: the one it records, else
+        # fallback_vqgan, e.g. the experiment's vqgan manifest).
+        loaded, vqgan, vqgan_ckpt = load_diffusion_with_vqgan(
+            diffusion_ckpt, vqgan_ckpt=vqgan_ckpt, fallback_vqgan=fallback_vqgan, use_ema=True
+        )
         # Plain values in the hparams: load_from_checkpoint rebuilds the settings from them (weights_only).
         self.save_hyperparameters(
             {
                 "diffusion_ckpt": diffusion_ckpt,
                 "vqgan_ckpt": vqgan_ckpt,
+                "fallback_vqgan": fallback_vqgan,
                 "class_names": list(class_names),
                 "ppo": dataclasses.asdict(self.settings),
                 "reward_ckpts": None if reward_ckpts is None else dict(reward_ckpts),
@@ -93,7 +99,6 @@ class PPOModule(L.LightningModule):
         )
         self.automatic_optimization = False
         s = self.settings
-        loaded = load_diffusion(diffusion_ckpt, use_ema=True)
         self.policy = loaded.denoiser.requires_grad_(True)
         self.scale_factor = loaded.scale_factor
         self.latent_shape = tuple(loaded.latent_shape)
@@ -108,7 +113,7 @@ class PPOModule(L.LightningModule):
         # in no optimiser): CPU kernels differ with the flag, and an unchanged policy must give KL = 0 exactly.
         self._frozen: dict[str, Any] = {
             "reference": copy.deepcopy(loaded.denoiser).eval(),
-            "vqgan": load_vqgan(vqgan_ckpt),
+            "vqgan": vqgan,
         }
         if self.speed.channels_last:  # policy and reference alike: an unchanged policy keeps KL = 0
             to_channels_last_3d(self.policy.unet)
@@ -445,8 +450,14 @@ def gaussian_kl_mean(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tens
 def save_policy_as_diffusion_checkpoint(
     module: PPOModule, base_ckpt: str | Path, out_path: str | Path
 ) -> Path:
-    """The fine-tuned UNet in the diffusion stage's checkpoint format (``load_diffusion`` reads it)."""
-    base = safe_load(base_ckpt)
+    """The fine-tuned UNet in the diffusion stage's checkpoint format (``load_diffusion`` reads it).
+
+    The base checkpoint is read once per process and kept beside the frozen helpers: ``ppo_best.ckpt`` is
+    rewritten whenever the probe improves."""
+    cached = module._frozen.get("base_checkpoint")
+    if cached is None or cached[0] != str(base_ckpt):
+        cached = module._frozen["base_checkpoint"] = (str(base_ckpt), safe_load(base_ckpt))
+    base = cached[1]
     weights = {k: v.detach().cpu() for k, v in module.policy.unet.state_dict().items()}
     state = {k: v for k, v in base["state_dict"].items() if not k.startswith((EMA_PREFIX, RAW_PREFIX))}
     state.update({EMA_PREFIX + k: v for k, v in weights.items()})

@@ -89,15 +89,24 @@ def _first_last(points: Sequence[tuple[float, float]] | None) -> list[str]:
 
 
 def _ppo_settings(config: Mapping[str, Any]) -> str:
-    """``Reward = 0.5·R3D + 0.5·R2D, KL coefficient 0.01, 50 sampler steps per rollout.`` (what is known)."""
+    """``Reward = 0.5·R3D + 0.5·R2D, KL coefficient 0.01, 50 sampler steps per rollout.`` (what is known).
+
+    Reads the grouped ``stage.reward`` / ``stage.train.kl`` / ``stage.sample`` layout, and the flat keys of
+    manifests written before the PPO config was grouped."""
     stage = config.get("stage") or {}
+    reward = stage.get("reward") if isinstance(stage.get("reward"), Mapping) else stage
+    kl = (stage.get("train") or {}).get("kl") or {}
+    sample = stage.get("sample") or {}
+    w3d, w2d = reward.get("w3d"), reward.get("w2d")
+    kl_coef = kl.get("coef", stage.get("kl_coef"))
+    num_steps = sample.get("num_steps", stage.get("num_steps"))
     parts = []
-    if "w3d" in stage and "w2d" in stage:
-        parts.append(f"Reward = {stage['w3d']}·R3D + {stage['w2d']}·R2D")
-    if "kl_coef" in stage:
-        parts.append(f"KL coefficient {stage['kl_coef']}")
-    if "num_steps" in stage:
-        parts.append(f"{stage['num_steps']} sampler steps per rollout")
+    if w3d is not None and w2d is not None:
+        parts.append(f"Reward = {w3d}·R3D + {w2d}·R2D")
+    if kl_coef is not None:
+        parts.append(f"KL coefficient {kl_coef}")
+    if num_steps is not None:
+        parts.append(f"{num_steps} sampler steps per rollout")
     return ", ".join(parts) + "." if parts else ""
 
 

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from mrrl.errors import ManifestError
-from mrrl.manifest import read_manifest, write_manifest
+from mrrl.manifest import read_manifest, resolve_checkpoint, write_manifest
 from mrrl.ppo.module import (
     PPOModule,
     rollout_sampling,
@@ -37,7 +37,6 @@ from mrrl.settings import from_config
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit
-from mrrl.utils.checkpoints import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,22 @@ def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | list[str] | None]:
 
 
 def _diffusion_checkpoint(cfg: DictConfig) -> str:
-    ckpt = cfg.stage.diffusion_ckpt
-    if not ckpt:
-        outputs = read_manifest(cfg.paths.experiment_dir, "diffusion")["outputs"]
-        ckpt = outputs.get("best_ckpt") or outputs.get("last_ckpt")
-    if not ckpt or not Path(ckpt).is_file():
-        raise ManifestError(f"diffusion checkpoint {ckpt} does not exist: run `mrrl stage=diffusion` first")
-    return str(ckpt)
+    # A Lightning checkpoint (not ema.pt): the fine-tuned policy is saved in its format.
+    return resolve_checkpoint(
+        cfg.stage.diffusion_ckpt,
+        cfg.paths.experiment_dir,
+        "diffusion",
+        "stage.diffusion_ckpt",
+        ("best_ckpt", "last_ckpt"),
+    )
+
+
+def _experiment_vqgan(cfg: DictConfig) -> str | None:
+    """The experiment's VQGAN (its manifest), for a diffusion checkpoint whose recorded VQGAN is gone."""
+    try:
+        return resolve_checkpoint(None, cfg.paths.experiment_dir, "vqgan", "stage.vqgan_ckpt")
+    except ManifestError:
+        return None
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -100,18 +108,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     speed = SpeedOptions.from_config(cfg.stage.speed)
     datamodule = build_datamodule(cfg).prepare()
     diffusion_ckpt = _diffusion_checkpoint(cfg)
-    loaded_hparams = safe_load(diffusion_ckpt)["hyper_parameters"]
-    vqgan_ckpt = cfg.stage.vqgan_ckpt or loaded_hparams.get("vqgan_ckpt")
-    if not vqgan_ckpt:
-        vqgan_ckpt = read_manifest(cfg.paths.experiment_dir, "vqgan")["outputs"]["best_ckpt"]
     module = PPOModule(
         diffusion_ckpt,
-        str(vqgan_ckpt),
+        cfg.stage.vqgan_ckpt or None,
         datamodule.class_names,
         settings,
         _reward_checkpoints(cfg),
         speed,
+        fallback_vqgan=_experiment_vqgan(cfg),
     )
+    vqgan_ckpt = module.hparams.vqgan_ckpt
     force = bool(cfg.stage.force)
     if force:
         (run_dir / BEST_CKPT).unlink(missing_ok=True)  # a fresh run must not inherit another run's best
