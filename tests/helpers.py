@@ -116,3 +116,98 @@ def run_mrrl(
         text=True,
         timeout=timeout,
     )
+
+
+# ---------------------------------------------------------------------------------------------- W&B offline runs
+
+
+def _wandb_protos(path: Path):
+    """The protobuf ``Record``s of an offline run's ``run-<id>.wandb`` file, in order.
+
+    The file is W&B's transaction log (what ``wandb sync`` uploads): a 7-byte header, then LevelDB-style
+    32 KiB blocks of records (crc32, length, type; FULL=1, FIRST=2, MIDDLE=3, LAST=4), each a protobuf ``Record``.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, pending, block = 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_records(path: Path) -> dict:
+    """Record counts and logged history keys of an offline run's ``run-<id>.wandb`` file."""
+    counts: dict = {"history_keys": set()}
+    for record in _wandb_protos(path):
+        name = record.WhichOneof("record_type")
+        counts[name] = counts.get(name, 0) + 1
+        if name == "history":
+            counts["history_keys"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
+    return counts
+
+
+class WandbRun:
+    """What an offline W&B run recorded: its run record, history rows, summary, metric definitions."""
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        self.path = path
+        self.rows: list[dict] = []
+        self.summary: dict = {}
+        self.metrics: dict[str, str] = {}  # name or glob -> step metric
+        self.counts: dict[str, int] = {}
+        for record in _wandb_protos(path):
+            kind = record.WhichOneof("record_type")
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            if kind == "run":
+                run = record.run
+                self.name, self.group, self.job_type = run.display_name, run.run_group, run.job_type
+                self.tags = list(run.tags)
+                self.config = {
+                    i.key: json.loads(i.value_json) for i in run.config.update if i.key != "_wandb"
+                }
+            elif kind == "history":
+                self.rows.append(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+                )
+            elif kind == "summary":
+                for i in record.summary.update:
+                    self.summary[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+            elif kind == "metric":
+                metric = record.metric
+                self.metrics[metric.name or metric.glob_name] = metric.step_metric
+
+    @property
+    def media(self) -> dict[str, str]:
+        """Logged media and tables, key -> W&B type (``image-file``, ``table-file``)."""
+        return {k[: -len("/_type")]: v for row in self.rows for k, v in row.items() if k.endswith("/_type")}
+
+    @property
+    def keys(self) -> set[str]:
+        """Every logged key: scalars and media (a medium's own fields, ``<key>/path`` ..., folded into it)."""
+        media = self.media
+        scalars = {k for row in self.rows for k in row if not any(k.startswith(m + "/") for m in media)}
+        return scalars | set(media)
+
+    def rows_with(self, key: str) -> list[dict]:
+        return [row for row in self.rows if key in row or f"{key}/_type" in row]
+
+
+def wandb_runs(folder: Path) -> list[WandbRun]:
+    """Every offline W&B run under ``folder`` (``<run_dir>/wandb/offline-run-*/run-*.wandb``)."""
+    return [WandbRun(p) for p in sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))]
