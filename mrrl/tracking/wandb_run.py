@@ -133,10 +133,25 @@ def numbers(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def runs(loggers: Sequence[Any]) -> list[Any]:
+    """The W&B runs of ``loggers`` (started if need be), rank 0 only."""
+    return [logger.experiment for logger in wandb_loggers(loggers)]
+
+
 def log_table(run, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     import wandb
 
     run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+
+def log_scatter(
+    run, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], x: str, y: str, title: str
+) -> None:
+    """The rows as a table ``key`` and a ``y`` against ``x`` scatter chart of it (``<key>_scatter``)."""
+    import wandb
+
+    table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+    run.log({key: table, f"{key}_scatter": wandb.plot.scatter(table, x, y, title=title)})
 
 
 def finish(loggers: Sequence[Any], summary: Mapping[str, Any] | None = None) -> None:
