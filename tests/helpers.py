@@ -211,3 +211,44 @@ class WandbRun:
 def wandb_runs(folder: Path) -> list[WandbRun]:
     """Every offline W&B run under ``folder`` (``<run_dir>/wandb/offline-run-*/run-*.wandb``)."""
     return [WandbRun(p) for p in sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))]
+
+
+def check_wandb_run(folder: Path, stage: str, name: str, classes: Sequence[str], count: int = 1) -> WandbRun:
+    """Assert what every stage's W&B run must hold; return the (last) run for stage-specific checks.
+
+    ``count`` runs under ``folder``, named ``name`` (the last one), job type = stage, grouped and tagged by
+    experiment and dataset; every key :mod:`mrrl.tracking.keys` declares for the stage is logged (a
+    ``{cls}``-only template for every class), summary keys are in the summary, the stage's axis is the
+    step metric of its globs, and every image shares its axis value with a row of scalars.
+    """
+    from mrrl.tracking.keys import STAGES, STEP, expand, matches
+
+    runs = wandb_runs(folder)
+    assert len(runs) == count, [r.path for r in runs]
+    run = runs[-1]
+    assert run.counts.get("exit") == 1, f"{run.path}: the run was not finished"
+    assert run.name == name and run.job_type == stage, (run.name, run.job_type)
+    experiment = name.split("/")[0]
+    assert run.group == experiment and f"experiment:{experiment}" in run.tags, (run.group, run.tags)
+    assert any(t.startswith("dataset:") for t in run.tags), run.tags
+    spec = STAGES[stage]
+    logged, summary = run.keys, set(run.summary)
+    for templates, have in ((spec.curves + spec.images + spec.tables, logged), (spec.summary, summary)):
+        for template in templates:
+            assert matches(template, have), f"{stage}: nothing logged for {template}; have {sorted(have)}"
+            if "{cls}" in template and template.count("{") == 1:
+                assert set(expand(template, cls=classes)) <= have, (template, sorted(have))
+    for glob in spec.axis_globs:
+        assert run.metrics.get(glob) == spec.axis, (glob, run.metrics)
+    for image in spec.images:
+        for template_key in matches(image, run.media):
+            for row in run.rows_with(template_key):
+                same = [
+                    r
+                    for r in run.rows
+                    if r.get(spec.axis) == row[spec.axis]
+                    and r.get(STEP) == row.get(STEP)
+                    and any(k in r for k in spec.curves)
+                ]
+                assert same, f"{template_key} at {spec.axis}={row[spec.axis]}: no scalars there"
+    return run
