@@ -32,7 +32,12 @@ def _wandb_offline_home(tmp_path_factory):
     import os
 
     home = tmp_path_factory.mktemp("wandb_home")
-    names = {"WANDB_DIR": "", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data"}
+    names = {
+        "WANDB_DIR": "",
+        "WANDB_CACHE_DIR": "cache",
+        "WANDB_CONFIG_DIR": "config",
+        "WANDB_DATA_DIR": "data",
+    }
     saved = {k: os.environ.get(k) for k in [*names, "WANDB_MODE", "WANDB_SILENT"]}
     os.environ.update({k: str(home / sub) for k, sub in names.items()})
     os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})

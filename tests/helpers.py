@@ -208,9 +208,21 @@ class WandbRun:
         return [row for row in self.rows if key in row or f"{key}/_type" in row]
 
 
-def wandb_runs(folder: Path) -> list[WandbRun]:
-    """Every offline W&B run under ``folder`` (``<run_dir>/wandb/offline-run-*/run-*.wandb``)."""
-    return [WandbRun(p) for p in sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))]
+def wandb_runs(folder: Path, wait_s: float = 20.0) -> list[WandbRun]:
+    """Every offline W&B run under ``folder`` (``<run_dir>/wandb/offline-run-*/run-*.wandb``).
+
+    W&B's service writes a finished run's last records (summary, exit) shortly after ``run.finish()``
+    returns: a run without its exit record is read again, for up to ``wait_s`` seconds.
+    """
+    import time
+
+    paths = sorted(Path(folder).rglob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = [WandbRun(p) for p in paths]
+        if all(r.counts.get("exit") for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
 
 
 def check_wandb_run(folder: Path, stage: str, name: str, classes: Sequence[str], count: int = 1) -> WandbRun:
@@ -240,7 +252,12 @@ def check_wandb_run(folder: Path, stage: str, name: str, classes: Sequence[str],
                 assert set(expand(template, cls=classes)) <= have, (template, sorted(have))
     for glob in spec.axis_globs:
         assert run.metrics.get(glob) == spec.axis, (glob, run.metrics)
-    for image in spec.images:
+    from mrrl.dashboard.spec import PANELS
+
+    for panel in (p for p in PANELS if p.stage == stage):  # the dashboard plots what the stage logged
+        for template in panel.keys:
+            assert matches(template, logged | summary), f"panel {panel.title!r}: {template} never logged"
+    for image in spec.images if spec.images_on_axis else ():
         for template_key in matches(image, run.media):
             for row in run.rows_with(template_key):
                 same = [

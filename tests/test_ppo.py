@@ -548,15 +548,22 @@ def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
         "stage.decode_quantize=false",
         "stage.fid_every=1",
         "stage.fid_probe_n=2",
-        "stage.figure_every=100",
         "stage.progress_bar=false",
         "stage.trainer.max_epochs=2",
         "stage.kl.adaptive=true",
-        "logger=none",
+        "stage.figure_every=1",
+        "logger=wandb",
     ]
     cfg = compose_cfg(["stage=ppo", *probe_data, *stage], tmp_path / "runs")
     run_dir = tmp_path / "ppo"
     outputs = ppo_stage.run(cfg, run_dir)
+    from helpers import check_wandb_run
+
+    # W&B: curves against the PPO iteration, samples beside that iteration's scalars, probe at 0, 1, 2.
+    run = check_wandb_run(run_dir, "ppo", "default/ppo", cfg.data.classes or ["HGG", "LGG"])
+    assert [r["ppo/iteration"] for r in run.rows_with("fid/mean")] == [0, 1, 2]
+    assert [r["ppo/iteration"] for r in run.rows_with("ppo/samples")] == [1, 2]
+    assert run.summary["final/iterations"] == 2
     probe = outputs["probe"]
     assert [i for i, _ in probe["history"]] == [0, 1, 2] and probe["split"] == "val"
     scores = dict(probe["history"])

@@ -29,6 +29,8 @@ class StageKeys:
     tables: tuple[str, ...] = ()
     # Globs routed to ``axis`` with define_metric (Lightning routes everything else to trainer/global_step).
     axis_globs: tuple[str, ...] = field(default=())
+    # Images logged during training, at the axis value of their scalars (False: one end-of-stage figure).
+    images_on_axis: bool = True
 
 
 STAGES: dict[str, StageKeys] = {
@@ -63,6 +65,7 @@ STAGES: dict[str, StageKeys] = {
         summary=("reward_data/vqgan_limit/{cls}", "reward_data/num_volumes"),
         tables=("reward_data/groups",),
         axis_globs=("reward_data/fid/*", "reward_data/reward/*", "reward_data/vqgan_limit/*"),
+        images_on_axis=False,
     ),
     "reward": StageKeys(
         axis=STEP,
@@ -103,6 +106,7 @@ STAGES: dict[str, StageKeys] = {
         ),
         images=("evaluate/samples_{cls}",),
         tables=("evaluate/table2",),
+        images_on_axis=False,
     ),
     "classify": StageKeys(
         axis=STEP,
