@@ -560,7 +560,7 @@ def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
     from helpers import check_wandb_run
 
     # W&B: curves against the PPO iteration, samples beside that iteration's scalars, probe at 0, 1, 2.
-    run = check_wandb_run(run_dir, "ppo", "default/ppo", cfg.data.classes or ["HGG", "LGG"])
+    run = check_wandb_run(run_dir, "ppo", f"{cfg.experiment_name}/ppo", cfg.data.classes or ["HGG", "LGG"])
     assert [r["ppo/iteration"] for r in run.rows_with("fid/mean")] == [0, 1, 2]
     assert [r["ppo/iteration"] for r in run.rows_with("ppo/samples")] == [1, 2]
     assert run.summary["final/iterations"] == 2

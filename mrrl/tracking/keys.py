@@ -29,6 +29,8 @@ class StageKeys:
     tables: tuple[str, ...] = ()
     # Globs routed to ``axis`` with define_metric (Lightning routes everything else to trainer/global_step).
     axis_globs: tuple[str, ...] = field(default=())
+    # Keys logged only when defined (e.g. the gap closed needs standard worse than the limit).
+    optional: tuple[str, ...] = ()
     # Images logged during training, at the axis value of their scalars (False: one end-of-stage figure).
     images_on_axis: bool = True
 
@@ -91,6 +93,7 @@ STAGES: dict[str, StageKeys] = {
         images=("ppo/samples",),
         summary=("final/iterations", "final/probe/best_iteration", "final/probe/best_score"),
         axis_globs=("ppo/*", "reward/*", "fid/*", "kid/*", "probe/*"),
+        optional=("reward/r3d_{cls}", "reward/r2d_{cls}"),  # absent at weight 0 (ablation_3d_only: w2d=0)
     ),
     "evaluate": StageKeys(
         axis=STEP,
@@ -106,6 +109,13 @@ STAGES: dict[str, StageKeys] = {
         ),
         images=("evaluate/samples_{cls}",),
         tables=("evaluate/table2",),
+        optional=(
+            "evaluate/precision/{model}/{cls}",  # PRDC: with more volumes than stage.metrics.prdc_k
+            "evaluate/recall/{model}/{cls}",
+            "evaluate/density/{model}/{cls}",
+            "evaluate/coverage/{model}/{cls}",
+            "evaluate/gap_closed/{cls}",  # only where standard is worse than the VQGAN limit
+        ),
         images_on_axis=False,
     ),
     "classify": StageKeys(
