@@ -259,6 +259,11 @@ def check_wandb_run(folder: Path, stage: str, name: str, classes: Sequence[str],
                 assert set(expand(template, cls=classes)) <= have, (template, sorted(have))
     for glob in spec.axis_globs:
         assert run.metrics.get(glob) == spec.axis, (glob, run.metrics)
+    import fnmatch
+
+    for key in logged - set(run.media):  # every curve on the axis is defined by name (beats Lightning's `*`)
+        if key != spec.axis and any(fnmatch.fnmatchcase(key, g) for g in spec.axis_globs):
+            assert run.metrics.get(key) == spec.axis, (key, run.metrics.get(key))
     from mrrl.dashboard.spec import PANELS
 
     for panel in (p for p in PANELS if p.stage == stage):  # the dashboard plots what the stage logged

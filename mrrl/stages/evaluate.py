@@ -401,6 +401,6 @@ def headline_summary(results: Mapping[str, Any]) -> dict[str, Any]:
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, results: Mapping[str, Any], figures: list[Path]) -> None:
     """Table 2 with intervals, per model/class values (summary), PRDC, diversity, gap closed, figures."""
-    with stage_run(cfg, run_dir) as run:
-        if run is not None:
-            log_evaluation(run, results, figures)
+    with stage_run(cfg, run_dir) as logger:
+        if logger is not None:
+            log_evaluation(logger, results, figures)

@@ -401,9 +401,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "diffusion_ckpt": diffusion_ckpt,
         "vqgan_ckpt": vqgan_ckpt,
     }
-    with stage_run(cfg, run_dir) as wandb_run:
-        if wandb_run is not None:
-            log_reward_data(wandb_run, summary, limits, plot, outputs["num_volumes"])
+    with stage_run(cfg, run_dir) as wandb_logger:
+        if wandb_logger is not None:
+            log_reward_data(wandb_logger, summary, limits, plot, outputs["num_volumes"])
     write_manifest(run_dir, "reward_data", outputs, cfg)
     print((run_dir / "summary.md").read_text())
     return outputs

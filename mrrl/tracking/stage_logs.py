@@ -14,20 +14,23 @@ ALL = "All"
 
 
 def log_reward_data(
-    run, groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], plot: Path, num_volumes: int
+    logger, groups: Sequence[Mapping[str, Any]], limits: Mapping[str, float], plot: Path, num_volumes: int
 ) -> None:
     """One row per sampler step count, in increasing order (each curve's x rises): every group's FID and
     reward at that count, per trajectory and class, and the VQGAN limit (a flat line over the range).
     Then the group table, the FID figure, and the limits in the summary."""
     import wandb
 
+    run = logger.experiment
     rows: dict[int, dict[str, float]] = {}
     for g in groups:
         row = rows.setdefault(int(g["steps"]), {SAMPLER_STEPS: int(g["steps"])})
         row[f"reward_data/fid/{g['trajectory']}/{g['class']}"] = float(g["fid"])
         row[f"reward_data/reward/{g['trajectory']}/{g['class']}"] = float(g["reward"])
     for steps in sorted(rows):
-        run.log({**rows[steps], **{f"reward_data/vqgan_limit/{c}": float(v) for c, v in limits.items()}})
+        row = {**rows[steps], **{f"reward_data/vqgan_limit/{c}": float(v) for c, v in limits.items()}}
+        logger.define_keys(row)
+        run.log(row)
     columns = ["group", "trajectory", "steps", "class", "count", "fid", "reward", "seconds"]
     log_table(run, "reward_data/groups", columns, [[g.get(c) for c in columns] for g in groups])
     run.log({"reward_data/fid_vs_steps": wandb.Image(str(plot))})
@@ -87,10 +90,11 @@ def evaluation_values(results: Mapping[str, Any]) -> dict[str, float]:
     return numbers(values, "evaluate/")
 
 
-def log_evaluation(run, results: Mapping[str, Any], figures: Sequence[Path]) -> None:
+def log_evaluation(logger, results: Mapping[str, Any], figures: Sequence[Path]) -> None:
     """Table 2 with intervals as a ``wandb.Table``, the headline values (history row and summary), figures."""
     import wandb
 
+    run = logger.experiment
     columns, rows = table2_rows(results)
     log_table(run, "evaluate/table2", columns, rows)
     values = evaluation_values(results)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,11 +41,17 @@ def run_fields(**fields: Any) -> Iterator[None]:
 
 
 class StageWandbLogger(WandbLogger):
-    """Lightning's ``WandbLogger`` that routes the stage's keys to their axis when its run starts."""
+    """Lightning's ``WandbLogger`` that plots the stage's keys against their axis (``define_metric``).
+
+    The globs are defined when the run starts, and each key matching one is defined by name the first time
+    it is logged: Lightning's own ``*`` glob (everything against ``trainer/global_step``) matches it too,
+    and W&B gives a metric defined by name precedence over any glob.
+    """
 
     def __init__(self, *, axis: str = STEP, axis_globs: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._axis, self._axis_globs = axis, tuple(axis_globs)
+        self._defined: set[str] = set()
 
     @property
     def experiment(self):
@@ -53,6 +60,22 @@ class StageWandbLogger(WandbLogger):
         if fresh and self._experiment is not None:
             define_axes(run, self._axis, self._axis_globs)
         return run
+
+    def define_keys(self, keys) -> None:
+        """Define the not yet defined ``keys`` that match the stage's globs on its axis."""
+        new = [k for k in keys if k not in self._defined and on_axis(k, self._axis, self._axis_globs)]
+        for key in new:
+            self.experiment.define_metric(key, step_metric=self._axis)
+        self._defined.update(new)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.define_keys(metrics)
+        super().log_metrics(metrics, step)
+
+
+def on_axis(key: str, axis: str, globs: Sequence[str]) -> bool:
+    return axis != STEP and key != axis and any(fnmatch.fnmatchcase(key, g) for g in globs)
 
 
 def define_axes(run, axis: str, globs: Sequence[str]) -> None:
@@ -167,14 +190,15 @@ def finish(loggers: Sequence[Any], summary: Mapping[str, Any] | None = None) -> 
 
 @contextlib.contextmanager
 def stage_run(cfg: DictConfig, run_dir: Path) -> Iterator[Any]:
-    """The W&B run of a stage without a Trainer (reward_data, evaluate): ``None`` unless ``logger=wandb``
-    on rank 0; finished on exit (with exit code 1 when the stage raised)."""
+    """The W&B logger of a stage without a Trainer (reward_data, evaluate): ``None`` unless
+    ``logger=wandb``, on rank 0; its run is finished on exit (with exit code 1 when the stage raised)."""
     if cfg.logger.name != "wandb" or rank_zero_only.rank != 0:
         yield None
         return
-    run = wandb_logger(cfg, run_dir).experiment
+    logger = wandb_logger(cfg, run_dir)
+    run = logger.experiment
     try:
-        yield run
+        yield logger
     except BaseException:
         run.finish(exit_code=1)
         raise
