@@ -171,6 +171,7 @@ class WandbRun:
         self.summary: dict = {}
         self.metrics: dict[str, str] = {}  # name or glob -> step metric
         self.counts: dict[str, int] = {}
+        self.artifacts: list[tuple[str, str]] = []  # (type, name): tables are "run_table", checkpoints "model"
         for record in _wandb_protos(path):
             kind = record.WhichOneof("record_type")
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -188,6 +189,8 @@ class WandbRun:
             elif kind == "summary":
                 for i in record.summary.update:
                     self.summary[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+            elif kind == "artifact":
+                self.artifacts.append((record.artifact.type, record.artifact.name))
             elif kind == "metric":
                 metric = record.metric
                 self.metrics[metric.name or metric.glob_name] = metric.step_metric
