@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import compose_cfg
 
+from mrrl.errors import ConfigError
 from mrrl.tracking.keys import expand, key_pattern, matches, stage_keys
 from mrrl.tracking.wandb_run import StageWandbLogger, numbers, on_axis, run_fields, run_name
 from mrrl.training.runtime import build_loggers
@@ -31,7 +32,10 @@ def test_logger_settings_group_job_type_tags_fields_and_log_model(tmp_path: Path
     )
     with run_fields(protocol="rl", seed=3):
         (_, logger) = build_loggers(cfg, tmp_path / "demo" / "ppo")
-    assert isinstance(logger, StageWandbLogger) and logger._log_model is True
+    assert (
+        isinstance(logger, StageWandbLogger)
+        and logger.checkpoint_dirs[0] == tmp_path / "demo/ppo/checkpoints"
+    )
     init = logger._wandb_init
     assert init["group"] == "demo" and init["job_type"] == "ppo" and init["name"] == "demo/ppo"
     assert init["tags"] == ["dataset:phantom_tumor", "experiment:demo", "mine"]
@@ -40,6 +44,8 @@ def test_logger_settings_group_job_type_tags_fields_and_log_model(tmp_path: Path
     assert logger._axis == "ppo/iteration"
     (_, plain) = build_loggers(cfg, tmp_path / "x")  # outside run_fields: the composed config only
     assert "protocol" not in plain._wandb_init["config"] and plain._wandb_init["config"]["seed"] == 0
+    with pytest.raises(ConfigError, match="logger.log_model must be true or false"):
+        build_loggers(compose_cfg(["stage=ppo", "logger=wandb", "logger.log_model=all"], tmp_path), tmp_path)
 
 
 def test_axis_routing_and_key_templates() -> None:

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mrrl.errors import ConfigError
 from mrrl.tracking.keys import STAGES, STEP
 
 # Read-only mappings (replaced, never mutated), so a shared default is safe.
@@ -48,10 +49,18 @@ class StageWandbLogger(WandbLogger):
     and W&B gives a metric defined by name precedence over any glob.
     """
 
-    def __init__(self, *, axis: str = STEP, axis_globs: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        axis: str = STEP,
+        axis_globs: Sequence[str] = (),
+        checkpoint_dirs: Sequence[Path] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._axis, self._axis_globs = axis, tuple(axis_globs)
         self._defined: set[str] = set()
+        self.checkpoint_dirs = tuple(checkpoint_dirs)  # logger.log_model: their *.ckpt go up as an artifact
 
     @property
     def experiment(self):
@@ -115,6 +124,8 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
 def wandb_logger(cfg: DictConfig, run_dir: Path) -> StageWandbLogger:
     """The stage's W&B logger (``logger=wandb``): offline unless ``logger.mode=online``."""
     keys = STAGES.get(str(cfg.stage.name))
+    if not isinstance(cfg.logger.log_model, bool):
+        raise ConfigError(f"logger.log_model must be true or false, got {cfg.logger.log_model!r}")
     return StageWandbLogger(
         axis=keys.axis if keys else STEP,
         axis_globs=keys.axis_globs if keys else (),
@@ -126,7 +137,8 @@ def wandb_logger(cfg: DictConfig, run_dir: Path) -> StageWandbLogger:
         tags=run_tags(cfg),
         save_dir=str(run_dir),
         offline=cfg.logger.mode == "offline",
-        log_model=cfg.logger.log_model,
+        # Lightning's own log_model refuses offline runs; checkpoints are logged at the stage's end instead.
+        checkpoint_dirs=(run_dir / "checkpoints", run_dir) if cfg.logger.log_model else (),
         config=run_config(cfg),
     )
 
@@ -185,7 +197,23 @@ def finish(loggers: Sequence[Any], summary: Mapping[str, Any] | None = None) -> 
         run = logger.experiment
         if summary:
             run.summary.update(numbers(summary))
+        if isinstance(logger, StageWandbLogger):
+            log_checkpoints(run, logger.checkpoint_dirs)
         run.finish()
+
+
+def log_checkpoints(run, folders: Sequence[Path]) -> None:
+    """The ``*.ckpt`` files of ``folders`` as one ``model`` artifact of the run (offline too: ``wandb sync``
+    uploads it)."""
+    files = sorted({p.resolve() for folder in folders for p in Path(folder).glob("*.ckpt") if p.is_file()})
+    if not files:
+        return
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"files": [p.name for p in files]})
+    for path in files:
+        artifact.add_file(str(path), name=path.name)
+    run.log_artifact(artifact, aliases=["latest"])
 
 
 @contextlib.contextmanager
