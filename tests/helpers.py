@@ -171,7 +171,7 @@ class WandbRun:
         self.summary: dict = {}
         self.metrics: dict[str, str] = {}  # name or glob -> step metric
         self.counts: dict[str, int] = {}
-        self.artifacts: list[tuple[str, str]] = []  # (type, name): tables are "run_table", checkpoints "model"
+        self.artifacts: list[tuple[str, str]] = []  # (type, name): checkpoints are "model"
         for record in _wandb_protos(path):
             kind = record.WhichOneof("record_type")
             self.counts[kind] = self.counts.get(kind, 0) + 1
