@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import check_wandb_run, compose_cfg, run_mrrl
+from helpers import check_wandb_run, compose_cfg, run_mrrl, wandb_runs
 
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
@@ -316,9 +316,22 @@ def test_missing_rl_generator_is_reported_and_the_rest_runs(base, tmp_path: Path
     gen = torch.Generator().manual_seed(0)
     for c in CLASSES:  # a Table 4-style baseline given as volumes; 4 per class, the first 3 are used
         np.save(noise / f"{c}.npy", (torch.rand(4, 1, 16, 16, 16, generator=gen) * 2 - 1).numpy())
-    cfg = cfg_for(base, "norl", "stage.seeds=[0]", *SAMPLING, f"+stage.extra_generators.noise={noise}")
+    cfg = cfg_for(
+        base, "norl", "stage.seeds=[0]", *SAMPLING, f"+stage.extra_generators.noise={noise}", "logger=wandb"
+    )
     out_dir = run_dir(base, "norl")
     outputs = classify_stage.run(cfg, out_dir)
+    # W&B: pre-training is a run of its own (phase=pretrain, no test scores); fine-tuning holds them.
+    seed_dir = out_dir / "runs" / "noise" / "seed0"
+    (pre,) = wandb_runs(seed_dir / "pretrain")  # no validation there: train curves only
+    assert pre.name == "norl/classify/runs/noise/seed0/pretrain" and "train/loss" in pre.keys
+    assert pre.config["phase"] == "pretrain" and pre.config["protocol"] == "noise"
+    assert not any(k.startswith("test/") for k in pre.summary)
+    fine = check_wandb_run(
+        seed_dir / "finetune", "classify", "norl/classify/runs/noise/seed0/finetune", CLASSES
+    )
+    assert fine.config["phase"] == "finetune" and "test/auc" in fine.summary
+    assert len(wandb_runs(out_dir)) == 5  # real: 1 run; standard, noise: pretrain + finetune
 
     assert "missing protocol — RL synthetic (ours): no ppo manifest" in capsys.readouterr().out
     table = read_csv(out_dir / "table3.csv")
