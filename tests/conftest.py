@@ -26,6 +26,29 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _wandb_offline_home(tmp_path_factory):
+    """W&B runs in tests are offline and keep W&B's own files (settings, artefact staging) out of $HOME."""
+    import os
+
+    home = tmp_path_factory.mktemp("wandb_home")
+    names = {
+        "WANDB_DIR": "",
+        "WANDB_CACHE_DIR": "cache",
+        "WANDB_CONFIG_DIR": "config",
+        "WANDB_DATA_DIR": "data",
+    }
+    saved = {k: os.environ.get(k) for k in [*names, "WANDB_MODE", "WANDB_SILENT"]}
+    os.environ.update({k: str(home / sub) for k, sub in names.items()})
+    os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def blob_volume(seed: int, shape=(20, 24, 18), lesion: float = 0.0) -> np.ndarray:
     """A brain-like ellipsoid with smooth texture and an optional bright blob, background exactly 0."""
     rng = np.random.default_rng(seed)

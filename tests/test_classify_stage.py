@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cfg, run_mrrl
+from helpers import check_wandb_run, compose_cfg, run_mrrl, wandb_runs
 
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
@@ -188,7 +188,7 @@ def test_mean_and_sample_std_over_seeds() -> None:
 
 def test_real_only_classifier_learns_and_table_aggregates_the_seeds(base) -> None:
     """Real learning check: 20 epochs of a tiny ResNet-10 rank the 12 unseen test volumes far above chance."""
-    cfg = cfg_for(base, "real", "stage.seeds=[0,1]", "stage.finetune.max_epochs=20")
+    cfg = cfg_for(base, "real", "stage.seeds=[0,1]", "stage.finetune.max_epochs=20", "logger=wandb")
     out_dir = run_dir(base, "real")
     outputs = classify_stage.run(cfg, out_dir)
 
@@ -219,6 +219,14 @@ def test_real_only_classifier_learns_and_table_aggregates_the_seeds(base) -> Non
         assert (seed_dir / "finetune" / "logs" / "metrics.csv").is_file()
         assert not (seed_dir / "pretrain").exists()
 
+    # W&B: one run per protocol × seed, told apart by config, the test scores in its summary.
+    for r in per_seed:
+        name = f"real/classify/runs/real/seed{r['seed']}/finetune"
+        run = check_wandb_run(Path(r["dir"]), "classify", name, CLASSES)
+        assert {k: run.config[k] for k in ("protocol", "seed", "phase")} == {
+            "protocol": "real", "seed": int(r["seed"]), "phase": "finetune"
+        }  # fmt: skip
+        assert run.summary["test/auc"] == pytest.approx(float(r["auc"]), abs=1e-5)
     markdown = (out_dir / "table3.md").read_text()
     assert "| Real data only | 2 | " in markdown and " ± " in markdown and "ddof = 1" in markdown
     assert (
@@ -308,9 +316,22 @@ def test_missing_rl_generator_is_reported_and_the_rest_runs(base, tmp_path: Path
     gen = torch.Generator().manual_seed(0)
     for c in CLASSES:  # a Table 4-style baseline given as volumes; 4 per class, the first 3 are used
         np.save(noise / f"{c}.npy", (torch.rand(4, 1, 16, 16, 16, generator=gen) * 2 - 1).numpy())
-    cfg = cfg_for(base, "norl", "stage.seeds=[0]", *SAMPLING, f"+stage.extra_generators.noise={noise}")
+    cfg = cfg_for(
+        base, "norl", "stage.seeds=[0]", *SAMPLING, f"+stage.extra_generators.noise={noise}", "logger=wandb"
+    )
     out_dir = run_dir(base, "norl")
     outputs = classify_stage.run(cfg, out_dir)
+    # W&B: pre-training is a run of its own (phase=pretrain, no test scores); fine-tuning holds them.
+    seed_dir = out_dir / "runs" / "noise" / "seed0"
+    (pre,) = wandb_runs(seed_dir / "pretrain")  # no validation there: train curves only
+    assert pre.name == "norl/classify/runs/noise/seed0/pretrain" and "train/loss" in pre.keys
+    assert pre.config["phase"] == "pretrain" and pre.config["protocol"] == "noise"
+    assert not any(k.startswith("test/") for k in pre.summary)
+    fine = check_wandb_run(
+        seed_dir / "finetune", "classify", "norl/classify/runs/noise/seed0/finetune", CLASSES
+    )
+    assert fine.config["phase"] == "finetune" and "test/auc" in fine.summary
+    assert len(wandb_runs(out_dir)) == 5  # real: 1 run; standard, noise: pretrain + finetune
 
     assert "missing protocol — RL synthetic (ours): no ppo manifest" in capsys.readouterr().out
     table = read_csv(out_dir / "table3.csv")

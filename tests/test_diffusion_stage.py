@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, stage_dir
+from helpers import TINY_DATA, TINY_VQGAN, check_wandb_run, compose_cfg, stage_dir
 
 from mrrl.diffusion.generate import generate_volumes, load_diffusion, save_nifti
 from mrrl.errors import ConfigError, ManifestError
@@ -81,7 +81,11 @@ def diffusion_cfg(vqgan_run: dict, *extra: str, run_root: Path | None = None, ex
 def trained(vqgan_run: dict, tmp_path_factory) -> dict:
     """One tiny diffusion run (2 epochs of 3 steps, classifier-free guidance on) into its own run directory."""
     cfg = diffusion_cfg(
-        vqgan_run, "stage.trainer.max_epochs=2", "stage.cfg_dropout=0.3", "stage.guidance_scale=1.5"
+        vqgan_run,
+        "stage.trainer.max_epochs=2",
+        "stage.cfg_dropout=0.3",
+        "stage.guidance_scale=1.5",
+        "logger=wandb",
     )
     run_dir = tmp_path_factory.mktemp("diffusion_run")
     seed_everything(0)
@@ -140,6 +144,8 @@ def test_run_writes_checkpoints_manifest_and_figures(trained: dict) -> None:
     assert out["sampling"]["num_steps"] == 5 and out == outputs
     figures = sorted((run_dir / "figures").glob("val_samples_*.png"))
     assert len(figures) == 2  # sample_every_n_epochs=1, two epochs, none for the sanity check
+    run = check_wandb_run(run_dir, "diffusion", f"diff/diffusion/{run_dir.name}", ["HGG", "LGG"])
+    assert len(run.rows_with("val/samples")) == 2 and run.summary["final/global_step"] == 6
     ckpt = torch.load(out["last_ckpt"], map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["schedule"]["steps_offset"] == 1
     assert ckpt["hyper_parameters"]["vqgan_ckpt"] == out["vqgan_ckpt"]

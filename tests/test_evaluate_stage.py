@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl
+from helpers import TINY_DATA, TINY_VQGAN, check_wandb_run, compose_cfg, run_mrrl
 
 import mrrl.evaluation.scores as scores_module
 from mrrl.errors import ConfigError, ManifestError
@@ -302,7 +302,18 @@ def test_three_rows_from_diffusion_and_ppo_manifests(experiment, tmp_path: Path,
         "stage.metrics.headline_extractor=random3d",
     ]
     run_dir = tmp_path / "evaluate"
-    outputs = evaluate_stage.run(eval_cfg(experiment, *overrides, name="evd"), run_dir)
+    outputs = evaluate_stage.run(eval_cfg(experiment, *overrides, "logger=wandb", name="evd"), run_dir)
+    # W&B: Table 2 with intervals, per model and class values in the summary (the headline extractor).
+    run = check_wandb_run(run_dir, "evaluate", "evd/evaluate", CLASSES)
+    assert run.summary["evaluate/fid/rl/HGG"] == pytest.approx(outputs["fid"]["random3d"]["rl"]["HGG"])
+    gap = outputs["gap_closed"]["random3d"]["All"]  # None where standard is not worse than the limit
+    assert run.summary.get("evaluate/gap_closed/All") == (pytest.approx(gap) if gap is not None else None)
+    table2 = run.table("evaluate/table2")
+    assert table2["columns"][:6] == ["extractor", "model", "label", "class", "n", "fid"]
+    assert {(r[1], r[3]) for r in table2["data"]} == {
+        (m, c) for m in ("vqgan", "standard", "rl") for c in [*CLASSES, "All"]
+    }
+    assert all(r[6] <= r[7] and r[9] <= r[10] for r in table2["data"])  # FID and KID intervals
     assert outputs["rows"] == ["vqgan", "standard", "rl"] and outputs["missing"] == {}
     assert sorted(loads) == sorted([str(std), str(rl)])
     markdown = (run_dir / "table2.md").read_text()

@@ -590,15 +590,22 @@ def test_stage_run_probes_keeps_the_best_and_records_the_sampler(
         "stage.sample.decode_quantize=false",
         "stage.probe.every=1",
         "stage.probe.n=2",
-        "stage.figures.every=100",
+        "stage.figures.every=1",
         "stage.progress_bar=false",
         "stage.trainer.max_epochs=2",
         "stage.train.kl.adaptive=true",
-        "logger=none",
+        "logger=wandb",
     ]
     cfg = compose_cfg(["stage=ppo", *probe_data, *stage], tmp_path / "runs")
     run_dir = tmp_path / "ppo"
     outputs = ppo_stage.run(cfg, run_dir)
+    from helpers import check_wandb_run
+
+    # W&B: curves against the PPO iteration, samples beside that iteration's scalars, probe at 0, 1, 2.
+    run = check_wandb_run(run_dir, "ppo", f"{cfg.experiment_name}/ppo", cfg.data.classes or ["HGG", "LGG"])
+    assert [r["ppo/iteration"] for r in run.rows_with("fid/mean")] == [0, 1, 2]
+    assert [r["ppo/iteration"] for r in run.rows_with("ppo/samples")] == [1, 2]
+    assert run.summary["final/iterations"] == 2
     probe = outputs["probe"]
     assert [i for i, _ in probe["history"]] == [0, 1, 2] and probe["split"] == "val"
     scores = dict(probe["history"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_brats
-from helpers import TINY_DATA, compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
+from helpers import TINY_DATA, check_wandb_run, compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.reward.dataset import load_reward_dataset
@@ -49,7 +49,7 @@ def cfg_for(setup: dict, run_root: Path, *extra: str):
 
 
 def test_builds_groups_rewards_and_a_loadable_dataset(setup: dict, tmp_path: Path) -> None:
-    cfg = cfg_for(setup, tmp_path)
+    cfg = cfg_for(setup, tmp_path, "logger=wandb")
     run_dir = stage_dir(cfg)
     outputs = reward_data_stage.run(cfg, run_dir)
     groups = outputs["groups"]
@@ -71,6 +71,13 @@ def test_builds_groups_rewards_and_a_loadable_dataset(setup: dict, tmp_path: Pat
         Path(outputs["fid_plot"]).is_file()
         and "VQGAN reconstruction limit" in Path(outputs["summary_md"]).read_text()
     )
+    # W&B: FID per trajectory and class against sampler steps (rising), the limit line, the group table.
+    run = check_wandb_run(run_dir, "reward_data", "default/reward_data", ["HGG", "LGG"])
+    steps = [r["reward_data/steps"] for r in run.rows_with("reward_data/fid/synthetic/HGG")]
+    assert steps == sorted(steps) and len(steps) == len(
+        {g["steps"] for g in groups if g["trajectory"] == "synthetic"}
+    )
+    assert run.summary["reward_data/vqgan_limit/HGG"] == pytest.approx(outputs["vqgan_limit_fid"]["HGG"])
 
 
 def test_rerun_after_interruption_regenerates_nothing_finished(

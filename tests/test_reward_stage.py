@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cfg, stage_dir
+from helpers import check_wandb_run, compose_cfg, stage_dir
 
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.manifest import write_manifest
@@ -114,7 +114,9 @@ def reward_cfg(dataset_dir: Path | None, run_root: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def trained(dataset_dir: Path, tmp_path_factory):
-    cfg = reward_cfg(dataset_dir, tmp_path_factory.mktemp("runs"), "stage.trainer.max_epochs=16")
+    cfg = reward_cfg(
+        dataset_dir, tmp_path_factory.mktemp("runs"), "stage.trainer.max_epochs=16", "logger=wandb"
+    )
     seed_everything(0)
     outputs = reward_stage.run(cfg, stage_dir(cfg))
     return cfg, stage_dir(cfg), outputs
@@ -357,6 +359,11 @@ def test_run_trains_both_models_and_writes_manifest(trained) -> None:
         ]
         assert len(logged) == 16 and all(r["val/rank_acc"] and r["val/mse"] for r in logged)
     assert (run_dir / "split.json").is_file()
+    # One W&B run per model, told apart by its config; the final metrics and the scatter in each.
+    for kind in ("r2d", "r3d"):
+        run = check_wandb_run(run_dir / kind, "reward", f"rw/reward/{kind}", [])
+        assert run.config["reward_model"] == kind and "reward/scores_scatter_table" in run.media
+        assert run.summary["final/val/spearman"] == pytest.approx(out["models"][kind]["val"]["spearman"])
     assert reward_stage.run(cfg, run_dir) is None  # finished: not retrained
 
 

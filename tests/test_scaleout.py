@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO_ROOT, make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl, stage_dir
+from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, run_mrrl, stage_dir, wandb_records
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -287,37 +286,6 @@ def test_plain_ddp_through_the_cli_vqgan_then_diffusion(data_root: Path, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- sweeps + W&B
-
-
-def wandb_records(path: Path) -> dict[str, Any]:
-    """Record counts and logged history keys of an offline run's ``run-<id>.wandb`` file.
-
-    The file is W&B's transaction log (what ``wandb sync`` uploads): a 7-byte header, then LevelDB-style
-    32 KiB blocks of records (crc32, length, type; FULL=1, FIRST=2, MIDDLE=3, LAST=4), each a protobuf ``Record``.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    counts: dict[str, Any] = {"history_keys": set()}
-    pos, pending, block = 7, b"", 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
-        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
-            pos += left
-            continue
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            name = record.WhichOneof("record_type")
-            counts[name] = counts.get(name, 0) + 1
-            if name == "history":
-                counts["history_keys"] |= {i.key or "/".join(i.nested_key) for i in record.history.item}
-    return counts
 
 
 def test_sweep_2x2_distinct_job_dirs_with_offline_wandb_runs(data_root: Path, tmp_path: Path) -> None:

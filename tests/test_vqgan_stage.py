@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_brats
-from helpers import TINY_DATA, TINY_VQGAN, compose_cfg, stage_dir
+from helpers import TINY_DATA, TINY_VQGAN, check_wandb_run, compose_cfg, stage_dir
 
 from mrrl.errors import ConfigError
 from mrrl.stages import vqgan as vqgan_stage
@@ -45,10 +45,14 @@ def test_fit_with_both_discriminators_writes_checkpoint_manifest_and_latents(dat
         "stage.loss.adv_start_step=2",
         "stage.trainer.max_epochs=2",
         "stage.loss.feature_matching_weight=0.5",
+        "logger=wandb",
+        "logger.log_model=true",
     )
     seed_everything(0)
     run_dir = stage_dir(cfg)
     outputs = vqgan_stage.run(cfg, run_dir)
+    run = check_wandb_run(run_dir, "vqgan", name="vq/vqgan", classes=["HGG", "LGG"])
+    assert [a for a in run.artifacts if a[0] == "model"]  # logger.log_model: the checkpoints as artifacts
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["latent_shape"] == [4, 4, 4, 4]
     assert Path(outputs["best_ckpt"]).is_file() and Path(outputs["last_ckpt"]).name == "last.ckpt"

@@ -37,6 +37,8 @@ from mrrl.classify.model import MONITORS, ClassifierModule, PhaseOptimSettings, 
 from mrrl.classify.protocols import Protocol
 from mrrl.errors import ConfigError
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import finish as finish_wandb
+from mrrl.tracking.wandb_run import run_fields
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import build_trainer, checkpoint_outputs, fit, last_checkpoint
 from mrrl.utils.checkpoints import safe_load
@@ -158,14 +160,6 @@ class RunContext:
         )
 
 
-def _finish_wandb(trainer) -> None:
-    """Close this run's W&B run, or the next run would log into it (docs/design_notes.md, known pitfalls)."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
-        import wandb
-
-        wandb.finish()
-
-
 def pretrain(ctx: RunContext, protocol: Protocol, seed: int, phase_dir: Path) -> Path:
     """Train from scratch on the generator's synthetic volumes; the weights (``last.ckpt``) it ends with."""
     done = read_json(phase_dir / DONE_FILE)
@@ -182,7 +176,7 @@ def pretrain(ctx: RunContext, protocol: Protocol, seed: int, phase_dir: Path) ->
     module = ctx.module("pretrain")
     trainer, _ = build_trainer(ctx.phase_cfg("pretrain", validate=False), phase_dir)
     fit(trainer, module, ctx.datamodule(dataset, None), phase_dir)
-    _finish_wandb(trainer)
+    finish_wandb(trainer.loggers)  # the next run must not log into this one (DESIGN.md, known pitfalls)
     ckpt = last_checkpoint(phase_dir)
     if ckpt is None:
         raise RuntimeError(f"pre-training in {phase_dir} wrote no last.ckpt")
@@ -205,7 +199,6 @@ def finetune(ctx: RunContext, seed: int, phase_dir: Path, init: Path | None) -> 
         ctx.phase_cfg("finetune", validate=monitor is not None), phase_dir, monitor=monitor, mode=mode
     )
     fit(trainer, module, ctx.datamodule(ctx.train_set, ctx.val_set if monitor else None), phase_dir)
-    _finish_wandb(trainer)
     return trainer, checkpoint_outputs(phase_dir, best_cb)
 
 
@@ -220,8 +213,10 @@ def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: 
     start = time.monotonic()
     init = None
     if protocol.generator is not None:
-        init = pretrain(ctx, protocol, seed, run_dir / "pretrain")
-    trainer, outputs = finetune(ctx, seed, run_dir / "finetune", init)
+        with run_fields(protocol=protocol.key, seed=int(seed), phase="pretrain"):
+            init = pretrain(ctx, protocol, seed, run_dir / "pretrain")
+    with run_fields(protocol=protocol.key, seed=int(seed), phase="finetune"):  # W&B config: groupable
+        trainer, outputs = finetune(ctx, seed, run_dir / "finetune", init)
     if not trainer.is_global_zero:
         return None
     ckpt = outputs.get("best_ckpt") or outputs["last_ckpt"]
@@ -250,4 +245,5 @@ def execute(ctx: RunContext, protocol: Protocol, seed: int, run_dir: Path, key: 
         "seconds": round(time.monotonic() - start, 3),
     }
     atomic_write_json(run_dir / RESULT_FILE, result)
+    finish_wandb(trainer.loggers, {"test": metrics})  # the fine-tuning run's summary: its test scores
     return result

@@ -24,6 +24,7 @@ from mrrl.diffusion.sampling import randn, scale_factor_from_moments
 from mrrl.diffusion.unet import DenoiserModel
 from mrrl.errors import ConfigError, ManifestError
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import step_axes
 from mrrl.training.speed import (
     SpeedOptions,
     enable_activation_checkpointing,
@@ -393,5 +394,10 @@ class DiffusionModule(L.LightningModule):
         rows = {name: [volumes[c * per_class + i] for i in range(per_class)] for c, name in enumerate(names)}
         figure = slices_figure(rows, title=f"diffusion EMA samples, step {self.global_step}")
         return log_figure(
-            figure, "val/samples", self.global_step, self.trainer.default_root_dir, self.loggers
+            figure,
+            "val/samples",
+            self.global_step,
+            self.trainer.default_root_dir,
+            self.loggers,
+            axes=step_axes(self.trainer),
         )

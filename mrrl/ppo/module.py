@@ -34,6 +34,8 @@ from mrrl.ppo.settings import PPOSettings, SampleSettings
 from mrrl.ppo.surrogate import clipped_surrogate, ppo_step_stats
 from mrrl.reward.ensemble import RewardEnsemble
 from mrrl.settings import from_config
+from mrrl.tracking.keys import PPO_ITERATION
+from mrrl.tracking.wandb_run import step_axes
 from mrrl.training.speed import (
     SpeedOptions,
     enable_activation_checkpointing,
@@ -397,7 +399,12 @@ class PPOModule(L.LightningModule):
                 {"sample": list(buffer["volumes"])}, title=f"PPO iteration {int(self.iterations)}"
             )
             log_figure(
-                figure, "ppo/samples", int(self.iterations), self.trainer.default_root_dir, self.loggers
+                figure,
+                "ppo/samples",
+                int(self.iterations),
+                self.trainer.default_root_dir,
+                self.loggers,
+                axes={**step_axes(self.trainer), PPO_ITERATION: float(self.iterations)},
             )
 
     def _mean_over_ranks(self, value: float) -> float:

@@ -41,6 +41,7 @@ from mrrl.diffusion.sampling import SAMPLERS
 from mrrl.errors import ConfigError
 from mrrl.manifest import read_manifest, resolve_checkpoint, write_manifest
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import finish as finish_wandb
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_dir, checkpoint_outputs, fit
@@ -178,6 +179,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         }
     )
     write_manifest(run_dir, "diffusion", outputs, cfg)
+    final = {k: outputs[k] for k in ("global_step", "scale_factor")}
+    finish_wandb(trainer.loggers, {"final": {**final, "val/loss": outputs["val_loss"]}})
     print(
         f"diffusion: {trainer.global_step} steps, best val/loss (EMA) {outputs.get('best_score') or math.nan:.4f}, "
         f"latent scale factor {outputs['scale_factor']:.4g}, EMA weights {ema_path}"

@@ -12,7 +12,8 @@ Outputs in the run dir: ``table2.md``, ``table2.csv``, ``metrics.json``, ``figur
 manifest. A finished evaluation is skipped when its inputs (checkpoints, settings, data) are unchanged;
 ``stage.force=true`` re-scores (still reusing cached samples; ``stage.regenerate=true`` samples again).
 
-With ``logger=wandb`` the FID values, the table and the figures also go to W&B.
+With ``logger=wandb`` Table 2 (with intervals), the per-model/class values, PRDC, diversity, the gap
+closed and the figures also go to W&B (:mod:`mrrl.tracking.stage_logs`).
 
 Distributed: under a multi-device ``trainer`` (``trainer=ddp``: 4 GPUs) the ranks share the sampling and
 the reconstructions of every row (:mod:`mrrl.training.ranks`; deterministic DDIM gives the volumes one process
@@ -63,8 +64,10 @@ from mrrl.evaluation.tables import (
 )
 from mrrl.manifest import MANIFEST_NAME, is_complete, write_manifest
 from mrrl.metrics.intervals import bootstrap_scores, split_half_floor
+from mrrl.tracking.stage_logs import log_evaluation
+from mrrl.tracking.wandb_run import stage_run
 from mrrl.training.ranks import RankShard, generation_device, launch_ranks, process_rank
-from mrrl.training.runtime import build_datamodule, build_loggers
+from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import release_process_group
 from mrrl.utils.io import atomic_write_json, atomic_write_text, finite_or_none
 
@@ -383,27 +386,7 @@ def headline_summary(results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, results: Mapping[str, Any], figures: list[Path]) -> None:
-    """FID scalars (``evaluate/fid/<extractor>/<model>/<class>``), the FID table and the figures."""
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    loggers = [lg for lg in build_loggers(cfg, run_dir) if isinstance(lg, WandbLogger)]
-    cols = [*results["classes"], "All"]
-    for logger in loggers:
-        flat = {
-            f"evaluate/fid/{ext}/{model}/{c}": v
-            for ext, per_model in results["fid"].items()
-            for model, per_class in per_model.items()
-            for c, v in per_class.items()
-            if v is not None
-        }
-        logger.log_metrics(flat, step=0)
-        table = wandb.Table(columns=["extractor", "model", *cols])
-        for ext, per_model in results["fid"].items():
-            for m in results["models"]:
-                table.add_data(ext, m["label"], *(per_model[m["key"]].get(c) for c in cols))
-        images = {f"evaluate/{p.stem}": wandb.Image(str(p)) for p in figures}
-        logger.experiment.log({"evaluate/table2": table, **images})
-        logger.finalize("success")
-    if loggers:
-        wandb.finish()  # sweeps: the next job must not log into this run
+    """Table 2 with intervals, per model/class values (summary), PRDC, diversity, gap closed, figures."""
+    with stage_run(cfg, run_dir) as logger:
+        if logger is not None:
+            log_evaluation(logger, results, figures)

@@ -34,6 +34,7 @@ from mrrl.ppo.module import (
 from mrrl.ppo.probe import ValidationProbe
 from mrrl.ppo.settings import RewardSettings, ppo_settings
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import finish as finish_wandb
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit
@@ -154,4 +155,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "metrics_csv": str((run_dir / "logs" / "metrics.csv").resolve()),
     }
     write_manifest(run_dir, "ppo", outputs, cfg)
+    probe = {"best_iteration": module.best.best_iteration, "best_score": outputs["probe"]["best_score"]}
+    finish_wandb(trainer.loggers, {"final": {"iterations": int(module.iterations), "probe": probe}})
     return outputs

@@ -26,6 +26,8 @@ from mrrl.reward.models import KINDS, load_reward_model
 from mrrl.reward.module import MONITORS, RewardDataModule, RewardModule
 from mrrl.reward.ranking_metrics import group_table, reward_metrics, score_dataset, write_group_report
 from mrrl.reward.splits import SPLIT_FILE, ensure_split
+from mrrl.tracking.wandb_run import finish as finish_wandb
+from mrrl.tracking.wandb_run import log_scatter, run_fields, runs
 from mrrl.training.runtime import seed_everything
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit, last_checkpoint
 
@@ -89,14 +91,6 @@ def _device(cfg: DictConfig) -> str:
     return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu"
 
 
-def _finish_wandb(trainer) -> None:
-    """Close this model's W&B run, or R2D would log into R3D's run (docs/design_notes.md, known pitfalls)."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
-        import wandb
-
-        wandb.finish()
-
-
 def train_model(
     cfg: DictConfig,
     kind: str,
@@ -131,9 +125,9 @@ def train_model(
         train_set, val_set, section["batch_size"], section["eval_batch_size"], int(stage.num_workers)
     )
     monitor, mode = MONITORS[stage.monitor]
-    trainer, best_cb = build_trainer(_model_cfg(cfg, kind), model_dir, monitor=monitor, mode=mode)
+    with run_fields(reward_model=model_dir.name):  # one W&B run per model, told apart by this field
+        trainer, best_cb = build_trainer(_model_cfg(cfg, kind), model_dir, monitor=monitor, mode=mode)
     fit(trainer, module, datamodule, model_dir, fresh=force)
-    _finish_wandb(trainer)
     if not trainer.is_global_zero:
         return None
     outputs = checkpoint_outputs(model_dir, best_cb)
@@ -160,7 +154,22 @@ def train_model(
         }
     )
     write_manifest(model_dir, f"reward.{kind}", outputs)
+    log_reward_scores(trainer.loggers, (train_set, val_set), scores, outputs)
     return outputs
+
+
+def log_reward_scores(loggers, datasets, scores, outputs) -> None:
+    """W&B: predicted against target reward per volume (table and scatter), final metrics; ends the run
+    (or the next model would log into it: DESIGN.md, known pitfalls)."""
+    for run in runs(loggers):
+        rows = [
+            [split, str(group), float(target), float(pred)]
+            for split, ds in zip(("train", "val"), datasets)
+            for group, target, pred in zip(ds.group_ids, ds.rewards, scores[split])
+        ]
+        columns = ["split", "group", "target", "predicted"]
+        log_scatter(run, "reward/scores", columns, rows, "target", "predicted", "predicted vs target reward")
+    finish_wandb(loggers, {"final": {"train": outputs["train"], "val": outputs["val"]}})
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

@@ -39,6 +39,8 @@ from mrrl.metrics.statistics import FeatureStatistics
 from mrrl.metrics.stats_cache import RealStatsCache
 from mrrl.reward.dataset import RewardDatasetWriter, group_name
 from mrrl.reward.maps import fid_to_reward
+from mrrl.tracking.stage_logs import log_reward_data
+from mrrl.tracking.wandb_run import stage_run
 from mrrl.training.ranks import gather_share, generation_device, launch_ranks
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.trainer import already_finished
@@ -389,6 +391,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "diffusion_ckpt": diffusion_ckpt,
         "vqgan_ckpt": vqgan_ckpt,
     }
+    with stage_run(cfg, run_dir) as wandb_logger:
+        if wandb_logger is not None:
+            log_reward_data(wandb_logger, summary, limits, plot, outputs["num_volumes"])
     write_manifest(run_dir, "reward_data", outputs, cfg)
     print((run_dir / "summary.md").read_text())
     return outputs

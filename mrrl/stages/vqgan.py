@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from mrrl.errors import ConfigError
 from mrrl.manifest import write_manifest
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import finish as finish_wandb
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
 from mrrl.training.trainer import already_finished, build_trainer, checkpoint_outputs, fit
@@ -89,6 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         }
     )
     write_manifest(run_dir, "vqgan", outputs, cfg)
+    finish_wandb(trainer.loggers, {"final": val_metrics})
     print(
         "vqgan: val L1 {l1:.4f}  PSNR {psnr:.2f} dB  SSIM {ssim:.4f}  codebook usage {usage:.1%}  perplexity {ppl:.1f}".format(
             l1=val_metrics.get("val/l1", math.nan),

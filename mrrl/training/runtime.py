@@ -58,21 +58,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     _keep_previous_metrics(run_dir / "logs")
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="", flush_logs_every_n_steps=10)]
     if name == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
+        from mrrl.tracking.wandb_run import wandb_logger
 
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
-                name=f"{cfg.experiment_name}/{cfg.stage.name}/{run_dir.name}",
-                job_type=cfg.stage.name,
-                tags=list(cfg.logger.tags),
-                save_dir=str(run_dir),
-                offline=cfg.logger.mode == "offline",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+        loggers.append(wandb_logger(cfg, run_dir))  # group, job type, tags, axes: mrrl/tracking
     elif name != "csv":
         raise ConfigError(f"unknown logger {name!r}: use logger=csv, logger=wandb or logger=none")
     return loggers

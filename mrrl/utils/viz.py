@@ -53,9 +53,20 @@ def slices_figure(
 
 
 def log_figure(
-    figure, key: str, step: int, run_dir: str | Path | None = None, loggers: Sequence = ()
+    figure,
+    key: str,
+    step: int,
+    run_dir: str | Path | None = None,
+    loggers: Sequence = (),
+    axes: Mapping[str, float] | None = None,
 ) -> Path | None:
-    """Write ``<run_dir>/figures/<key>_<step>.png`` and send the image to every W&B logger; close the figure."""
+    """Write ``<run_dir>/figures/<key>_<step>.png`` and send the image to every W&B logger; close the figure.
+
+    ``axes``: the axis values of the scalars the image belongs with (``mrrl.tracking.wandb_run.step_axes``:
+    Lightning's logging step, plus e.g. ``ppo/iteration``), so W&B shows both at the same x.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
     path = None
     try:
         if run_dir is not None:
@@ -63,10 +74,10 @@ def log_figure(
             path.parent.mkdir(parents=True, exist_ok=True)
             figure.savefig(path, dpi=90)
         for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.experiment.log({key: wandb.Image(figure), "trainer/global_step": step})
+                logger.experiment.log({key: wandb.Image(figure), **(axes or {"trainer/global_step": step})})
     finally:
         plt.close(figure)
     return path

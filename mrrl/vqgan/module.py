@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from mrrl.settings import from_config
+from mrrl.tracking.wandb_run import step_axes
 from mrrl.training.speed import SpeedOptions, maybe_compile, to_channels_last_3d
 from mrrl.utils.viz import log_figure, slices_figure
 from mrrl.vqgan.discriminators import SliceDiscriminator, VolumeDiscriminator, axial_slices
@@ -307,4 +308,5 @@ class VQGANModule(L.LightningModule):
                 int(self.generator_steps),
                 self.trainer.default_root_dir,
                 self.loggers,
+                axes=step_axes(self.trainer),
             )
