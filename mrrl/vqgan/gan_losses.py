@@ -10,7 +10,6 @@ sequences are averaged.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from monai.losses.perceptual import normalize_tensor
 from monai.networks.nets.resnet import ResNetFeatures
 from torch import nn
+
+from mrrl.metrics.pretrained import medicalnet_cache_candidates, medicalnet_filename, medicalnet_hf_repo
 
 GAN_LOSSES = ("hinge", "non_saturating", "least_squares")
 Logits = torch.Tensor | Sequence[torch.Tensor]
@@ -129,12 +130,13 @@ def adversarial_factor(step: int, start_step: int, ramp_steps: int = 0) -> float
 
 # ------------------------------------------------------------------------------------------------ perceptual
 
-# MONAI network name -> (MONAI ResNetFeatures name, weights file published by Tencent's MedicalNet).
+# MONAI network name -> MONAI ResNetFeatures name; the weights are Tencent's MedicalNet files, looked up like the
+# MedicalNet FID extractor's (mrrl.metrics.pretrained: the torch hub folder, then the Hugging Face cache).
 MEDICALNET_WEIGHTS = {
-    "medicalnet_resnet10_23datasets": ("resnet10", "resnet_10_23dataset.pth"),
-    "medicalnet_resnet18_23datasets": ("resnet18", "resnet_18_23dataset.pth"),
-    "medicalnet_resnet34_23datasets": ("resnet34", "resnet_34_23dataset.pth"),
-    "medicalnet_resnet50_23datasets": ("resnet50", "resnet_50_23dataset.pth"),
+    "medicalnet_resnet10_23datasets": "resnet10",
+    "medicalnet_resnet18_23datasets": "resnet18",
+    "medicalnet_resnet34_23datasets": "resnet34",
+    "medicalnet_resnet50_23datasets": "resnet50",
 }
 
 
@@ -142,31 +144,18 @@ class PerceptualWeightsMissingError(FileNotFoundError):
     """The pretrained network of the perceptual loss is not on disk (mrrl never downloads it at run time)."""
 
 
-def _hf_repo(network: str) -> str:
-    depth = MEDICALNET_WEIGHTS[network][0].removeprefix("resnet")
-    return f"TencentMedicalNet/MedicalNet-Resnet{depth}"
-
-
-def perceptual_weights_candidates(network: str, cache_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where the weights of ``network`` are looked for, in order (existing or not).
-
-    1. ``<cache_dir or torch.hub.get_dir()>/checkpoints/<file>`` (torch hub's checkpoint folder);
-    2. the Hugging Face cache that MONAI's ``resnetN(pretrained=True)`` fills
-       (``$HF_HUB_CACHE`` or ``~/.cache/huggingface/hub``, ``models--TencentMedicalNet--MedicalNet-ResnetN``).
-    """
+def _arch(network: str) -> str:
     if network not in MEDICALNET_WEIGHTS:
         raise ValueError(
             f"unknown perceptual network {network!r}; choose one of {sorted(MEDICALNET_WEIGHTS)}"
         )
-    filename = MEDICALNET_WEIGHTS[network][1]
-    hub = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir())
-    out = [hub / "checkpoints" / filename]
-    hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-    )
-    repo_dir = Path(hf_cache) / ("models--" + _hf_repo(network).replace("/", "--"))
-    out += [Path(p) for p in sorted(glob.glob(str(repo_dir / "snapshots" / "*" / filename)))]
-    return out
+    return MEDICALNET_WEIGHTS[network]
+
+
+def perceptual_weights_candidates(network: str, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where the weights of ``network`` are looked for, in order (existing or not): see
+    :func:`mrrl.metrics.pretrained.medicalnet_cache_candidates`."""
+    return medicalnet_cache_candidates(_arch(network), cache_dir)
 
 
 def find_perceptual_weights(
@@ -175,12 +164,9 @@ def find_perceptual_weights(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Path of the weights file, or :class:`PerceptualWeightsMissingError` saying where to put it."""
-    if network not in MEDICALNET_WEIGHTS:
-        raise ValueError(
-            f"unknown perceptual network {network!r}; choose one of {sorted(MEDICALNET_WEIGHTS)}"
-        )
-    filename = MEDICALNET_WEIGHTS[network][1]
-    url = f"https://huggingface.co/{_hf_repo(network)}/resolve/main/{filename}"
+    arch = _arch(network)
+    filename = medicalnet_filename(arch)
+    url = f"https://huggingface.co/{medicalnet_hf_repo(arch)}/resolve/main/{filename}"
     disable = "or disable the perceptual loss with `stage.perceptual_weight=0`."
     if weights_path is not None:
         path = Path(weights_path).expanduser()
@@ -228,7 +214,7 @@ class PerceptualLoss(nn.Module):
         self.network = network
         self.weights_path = str(path)
         self.net = ResNetFeatures(
-            MEDICALNET_WEIGHTS[network][0], pretrained=False, spatial_dims=3, in_channels=1
+            MEDICALNET_WEIGHTS[network], pretrained=False, spatial_dims=3, in_channels=1
         )
         self._load(path)
         self.levels = tuple(levels) if levels is not None else None

@@ -17,17 +17,11 @@ from torch.utils.data import DataLoader
 
 from mrrl.errors import ManifestError
 from mrrl.utils.checkpoints import safe_load
-from mrrl.utils.io import atomic_path
+from mrrl.utils.io import atomic_path, file_identity
 
 log = logging.getLogger(__name__)
 
 LATENT_FILE = "latents.pt"
-
-
-def _file_identity(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def load_vqgan(ckpt_path: str | Path, device: str | torch.device = "cpu"):
@@ -48,7 +42,7 @@ def load_vqgan(ckpt_path: str | Path, device: str | torch.device = "cpu"):
 def latent_cache_key(ckpt_path: str | Path, datamodule) -> dict[str, Any]:
     split_file = Path(datamodule.split_file or datamodule.split_path)
     return {
-        "checkpoint": _file_identity(ckpt_path),
+        "checkpoint": file_identity(ckpt_path),
         "data_cache": str(Path(datamodule.cache.dir).resolve()),
         "split_sha1": hashlib.sha1(split_file.read_bytes()).hexdigest(),
     }
