@@ -72,3 +72,13 @@ def field_names(cls: type) -> list[str]:
         if nested is not None:
             names.extend(f"{f.name}.{sub}" for sub in field_names(nested))
     return names
+
+
+def given_or_rebuilt(cls: type[T], settings: T | None, fields: Mapping[str, Any]) -> T:
+    """A LightningModule's settings: ``settings`` as the stage passed them, or rebuilt from ``fields``, the
+    checkpoint's hyper-parameters that ``load_from_checkpoint`` passes as keyword arguments instead."""
+    if settings is None:
+        return from_config(cls, fields, "hyper_parameters")
+    if fields:
+        raise TypeError(f"pass settings or its fields, not both (got {sorted(fields)})")
+    return settings

@@ -50,3 +50,13 @@ def test_field_names_lists_nested_paths():
         "extra.lr",
         "extra.steps",
     ]
+
+
+def test_given_settings_or_rebuilt_from_checkpoint_fields():
+    from mrrl.settings import given_or_rebuilt
+
+    given = Inner(0.1, 3)
+    assert given_or_rebuilt(Inner, given, {}) is given
+    assert given_or_rebuilt(Inner, None, {"lr": 0.1, "steps": 3}) == given
+    with pytest.raises(TypeError, match="not both"):
+        given_or_rebuilt(Inner, given, {"lr": 0.2})

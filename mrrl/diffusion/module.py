@@ -23,7 +23,7 @@ from mrrl.diffusion.latent_data import LatentDataModule
 from mrrl.diffusion.sampling import randn, scale_factor_from_moments
 from mrrl.diffusion.unet import DenoiserModel
 from mrrl.errors import ConfigError, ManifestError
-from mrrl.settings import from_config
+from mrrl.settings import given_or_rebuilt
 from mrrl.tracking.wandb_run import step_axes
 from mrrl.training.speed import (
     SpeedOptions,
@@ -156,11 +156,7 @@ class DiffusionModule(L.LightningModule):
         the checkpoint's (flat) hyper-parameters. ``vqgan_ckpt``: the VQGAN whose latents these are (sample
         figures; later stages decode with it). ``speed``: ``stage.speed`` (None: every option off)."""
         super().__init__()
-        if settings is None:
-            settings = from_config(DiffusionSettings, hyper_parameters, "hyper_parameters")
-        elif hyper_parameters:
-            raise TypeError(f"pass settings or its fields, not both (got {sorted(hyper_parameters)})")
-        self.settings = settings
+        self.settings = settings = given_or_rebuilt(DiffusionSettings, settings, hyper_parameters)
         self.speed = SpeedOptions.from_config(speed)
         self.save_hyperparameters(
             {

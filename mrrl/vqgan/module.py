@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from mrrl.settings import from_config
+from mrrl.settings import given_or_rebuilt
 from mrrl.tracking.wandb_run import step_axes
 from mrrl.training.speed import SpeedOptions, maybe_compile, to_channels_last_3d
 from mrrl.utils.viz import log_figure, slices_figure
@@ -121,11 +121,7 @@ class VQGANModule(L.LightningModule):
         """``settings`` from the stage; ``load_from_checkpoint`` passes its fields instead, as the plain dicts of
         the checkpoint's hyper-parameters. ``speed``: ``stage.speed`` (None: every option off)."""
         super().__init__()
-        if settings is None:
-            settings = from_config(VQGANSettings, hyper_parameters, "hyper_parameters")
-        elif hyper_parameters:
-            raise TypeError(f"pass settings or its fields, not both (got {sorted(hyper_parameters)})")
-        self.settings = settings
+        self.settings = settings = given_or_rebuilt(VQGANSettings, settings, hyper_parameters)
         self.speed = SpeedOptions.from_config(speed)
         self.save_hyperparameters(
             {"image_shape": list(image_shape), **dataclasses.asdict(settings), "speed": self.speed.to_dict()}
