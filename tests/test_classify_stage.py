@@ -21,6 +21,7 @@ from helpers import check_wandb_run, compose_cfg, run_mrrl, wandb_runs
 
 import mrrl.classify.runner as runner
 import mrrl.diffusion.generate as generate_module
+import mrrl.diffusion.loading as diffusion_loading
 from mrrl.classify.metrics import aggregate, binary_metrics, mean_std
 from mrrl.data.phantom import make_phantom_cohort
 from mrrl.errors import ConfigError
@@ -249,7 +250,7 @@ def synthetic_experiment(base) -> dict:
     mp = pytest.MonkeyPatch()
     try:
         samples = count_calls(mp, generate_module, "generate_volumes")
-        loads = count_calls(mp, generate_module, "load_diffusion")
+        loads = count_calls(mp, diffusion_loading, "load_diffusion")  # the one loader every stage uses
         cfg = cfg_for(base, "syn", "stage.seeds=[0,1]", "stage.protocols=[standard,rl]", *SAMPLING)
         outputs = classify_stage.run(cfg, run_dir(base, "syn"))
     finally:
