@@ -511,3 +511,20 @@ def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
     assert _reward_checkpoints(ppo)["r3d"] == members
     with pytest.raises(ConfigError, match="ensemble_size"):
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.ensemble_size=0"))
+
+
+def test_ensemble_member_zero_of_every_model_is_the_single_model(dataset_dir: Path, tmp_path: Path) -> None:
+    """R2D's member 0 too: the extra members' reseeding must not run before it (it did: R2D member 0 differed)."""
+    weights = {}
+    for size in (1, 2):
+        cfg = reward_cfg(
+            dataset_dir, tmp_path / f"k{size}", "stage.trainer.max_epochs=1", f"stage.ensemble_size={size}"
+        )
+        seed_everything(0)
+        outputs = reward_stage.run(cfg, stage_dir(cfg))
+        weights[size] = {
+            kind: load_reward_model(outputs[f"{kind}_ckpt"]).state_dict() for kind in ("r3d", "r2d")
+        }
+    for kind in ("r3d", "r2d"):
+        single, member0 = weights[1][kind], weights[2][kind]
+        assert all(torch.equal(single[k], member0[k]) for k in single), kind

@@ -192,12 +192,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     train_set, val_set = dataset.subset(split["train"]), dataset.subset(split["val"])
     norm = target_normalisation(train_set.rewards, bool(cfg.stage.normalize_targets))
     size = int(cfg.stage.ensemble_size)
-    results, members = {}, {}
-    for kind in models:
-        members[kind] = []
-        for k, name in enumerate(member_names(kind, size)):
-            if k > 0:  # member 0 is the single model of ensemble_size=1; the others differ by their seed only
-                seed_everything(int(cfg.seed) + k)
+    results: dict[str, Any] = {}
+    members: dict[str, list[str]] = {kind: [] for kind in models}
+    # Member 0 of every model first, in the order ensemble_size=1 trains them: so member 0 is exactly the single
+    # model of ensemble_size=1 for R2D too (the extra members' reseeding must not run before it). The others
+    # differ by their seed only.
+    for k in range(size):
+        if k > 0:
+            seed_everything(int(cfg.seed) + k)
+        for kind in models:
+            name = member_names(kind, size)[k]
             results[name] = train_model(cfg, kind, run_dir / name, train_set, val_set, norm, dataset_dir)
             members[kind].append(name)
     if not is_zero:
