@@ -495,6 +495,7 @@ def test_augmentation_changes_training_inputs_but_not_labels(dataset_dir: Path) 
 def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
     dataset_dir: Path, tmp_path: Path
 ) -> None:
+    from mrrl.ppo.settings import ppo_settings
     from mrrl.stages.ppo import _reward_checkpoints
 
     cfg = reward_cfg(
@@ -508,7 +509,7 @@ def test_ensemble_trains_members_with_different_seeds_and_ppo_loads_them(
     a, b = (load_reward_model(m).state_dict() for m in members)
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # different seeds
     ppo = compose_cfg(["stage=ppo", "experiment_name=rw", "stage.reward.w2d=0"], tmp_path)
-    assert _reward_checkpoints(ppo)["r3d"] == members
+    assert _reward_checkpoints(ppo_settings(ppo.stage).reward, ppo.paths.experiment_dir)["r3d"] == members
     with pytest.raises(ConfigError, match="ensemble_size"):
         reward_stage.check_config(reward_cfg(None, tmp_path, "stage.ensemble_size=0"))
 

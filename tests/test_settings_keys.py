@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (stage composed, settings class, the config node it is built from). Add a row with every new settings class.
 SETTINGS = [
     ("ppo", PPOSettings, "stage"),
-    ("ppo", RewardSettings, "stage.reward"),  # the stage script reads it on its own (reward checkpoints)
+    ("ppo", RewardSettings, "stage.reward"),  # nested in PPOSettings; also built alone from stage.reward
     ("reward", RewardOptimSettings, "stage.optim"),
     ("reward", RankingSettings, "stage.ranking"),
     ("classify", PhaseOptimSettings, "stage.pretrain"),

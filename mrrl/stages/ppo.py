@@ -33,7 +33,6 @@ from mrrl.ppo.module import (
 )
 from mrrl.ppo.probe import ValidationProbe
 from mrrl.ppo.settings import RewardSettings, ppo_settings
-from mrrl.settings import from_config
 from mrrl.tracking.wandb_run import finish as finish_wandb
 from mrrl.training.runtime import build_datamodule
 from mrrl.training.speed import SpeedOptions
@@ -48,18 +47,19 @@ BEST_CKPT = "ppo_best.ckpt"
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def _reward_checkpoints(cfg: DictConfig) -> dict[str, str | list[str] | None]:
+def _reward_checkpoints(
+    reward: RewardSettings, experiment_dir: str | Path
+) -> dict[str, str | list[str] | None]:
     """Each scale's reward checkpoint, or its list of ensemble members (``stage=reward ensemble_size > 1``).
 
     ``stage.reward.r3d_ckpt`` / ``r2d_ckpt`` (a path or a list of paths) replace the reward manifest's entries.
     """
-    reward = from_config(RewardSettings, cfg.stage.reward, "stage.reward")
     ckpts: dict[str, Any] = {"r3d": reward.r3d_ckpt, "r2d": reward.r2d_ckpt}
     ckpts = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ckpts.items()}
     weights = {"r3d": float(reward.w3d), "r2d": float(reward.w2d)}
     if any(weights[k] and not ckpts[k] for k in ckpts):
         outputs = read_manifest(
-            cfg.paths.experiment_dir,
+            experiment_dir,
             "reward",
             "run `mrrl stage=reward` first or pass stage.reward.r3d_ckpt=<path> stage.reward.r2d_ckpt=<path>",
         )["outputs"]
@@ -114,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         cfg.stage.vqgan_ckpt or None,
         datamodule.class_names,
         settings,
-        _reward_checkpoints(cfg),
+        _reward_checkpoints(settings.reward, cfg.paths.experiment_dir),
         speed,
         fallback_vqgan=_experiment_vqgan(cfg),
     )
