@@ -148,6 +148,32 @@ def test_advantages_per_class_and_ddp_equivalent() -> None:
     assert float(clipped.abs().max()) <= 0.5
 
 
+
+def test_batch_relative_advantages_stay_centred_as_the_reward_rises() -> None:
+    """stat_buffer=0: every iteration's advantages are centred per class, even when all rewards rose."""
+    labels = torch.tensor([0, 1] * 4)
+    history = PerClassRewardNormalizer(2, buffer_size=256, min_count=4)
+    batch = PerClassRewardNormalizer(2, buffer_size=0, min_count=4)
+    for level in (0.0, 1.0, 2.0):  # the policy improves: each iteration's rewards are all higher
+        rewards = level + 0.1 * torch.arange(8, dtype=torch.float32)
+        with_history = history.normalize(rewards, labels, rewards, labels)
+        centred = batch.normalize(rewards, labels, rewards, labels)
+        for label in (0, 1):
+            assert abs(float(centred[labels == label].mean())) < 1e-5
+    assert float(with_history.min()) > 0  # with the buffer, the last iteration's advantages are all positive
+    assert all(len(b) == 0 for b in batch.buffers)
+    with pytest.raises(ConfigError, match="stat_buffer must be >= 0"):
+        PerClassRewardNormalizer(2, buffer_size=-1)
+
+
+def test_too_few_buffered_rewards_fall_back_to_the_class_batch() -> None:
+    """Below min_count, a class is normalised with its own rewards in the batch, not the other class's."""
+    rewards = torch.tensor([10.0, 11.0, -3.0, -4.0])
+    labels = torch.tensor([0, 0, 1, 1])
+    adv = PerClassRewardNormalizer(2, min_count=100).normalize(rewards, labels, rewards, labels)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 1.0, -1.0]), atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ with models
 
 
