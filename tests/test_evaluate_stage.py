@@ -185,6 +185,7 @@ def test_reconstruction_scores_better_than_noise(experiment, tmp_path: Path) -> 
         f"+stage.extra_models.noise={noise_dir}",
         f"+stage.extra_models.noise_npz={tmp_path / 'noise.npz'}",
         f"+stage.extra_models.real={real_map}",
+        "stage.intervals.pairs=[[noise,real]]",
     )
     outputs = evaluate_stage.run(cfg, tmp_path / "evaluate")
     assert outputs["rows"] == ["vqgan", "noise", "noise_npz", "real"]
@@ -199,6 +200,11 @@ def test_reconstruction_scores_better_than_noise(experiment, tmp_path: Path) -> 
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     real_all = next(r for r in metrics["scores"] if r["model"] == "real" and r["class"] == "All")
     assert real_all["precision"] == real_all["recall"] == real_all["coverage"] == 1.0
+    for extractor in EXTRACTORS:  # the paired difference noise − real: the real volumes score lower
+        (pair,) = metrics["intervals"][extractor]["pairs"]
+        assert (pair["a"], pair["b"]) == ("noise", "real")
+        assert pair["difference"]["fid"]["All"]["low"] > 0 and pair["verdict"]["fid"]["All"] == "real better"
+    assert "Paired differences between rows" in (tmp_path / "evaluate" / "table2.md").read_text()
 
 
 def test_bad_extra_volumes_and_empty_experiment_are_clear_errors(experiment, tmp_path: Path) -> None:
@@ -212,6 +218,10 @@ def test_bad_extra_volumes_and_empty_experiment_are_clear_errors(experiment, tmp
         evaluate_stage.run(
             eval_cfg(experiment, f"+stage.extra_models.x={tmp_path / 'nope'}"), tmp_path / "e2"
         )
+    with pytest.raises(ConfigError, match="pairs: no row named nope; this run's rows: vqgan"):
+        evaluate_stage.run(eval_cfg(experiment, "stage.intervals.pairs=[[vqgan,nope]]"), tmp_path / "e4")
+    with pytest.raises(ConfigError, match=r"pairs\[0\]=\['vqgan'\]: give two different row names"):
+        evaluate_stage.run(eval_cfg(experiment, "stage.intervals.pairs=[[vqgan]]"), tmp_path / "e5")
     with pytest.raises(ManifestError, match="nothing to evaluate(.|\n)*no vqgan manifest"):
         evaluate_stage.run(eval_cfg(experiment, name="empty"), tmp_path / "e3")
 

@@ -101,6 +101,25 @@ def test_gap_closure_and_verdict():
     assert verdict(-0.1, -0.01) == "RL worse"
 
 
+def test_paired_difference_between_two_rows():
+    gen = torch.Generator().manual_seed(5)
+    real = {c: torch.randn(30, 6, generator=gen) for c in ("A", "B")}
+    near = {c: torch.randn(40, 6, generator=gen) + 0.2 for c in real}
+    far = {c: torch.randn(40, 6, generator=gen) + 1.5 for c in real}
+    out = bootstrap_scores(
+        real, {"far": far, "near": near}, n_boot=50, seed=0, pairs=[("far", "near"), ("near", "far")]
+    )
+    forward, backward = out["pairs"]
+    for metric in ("fid", "kid"):
+        for c in ("A", "B", "All"):
+            est = forward["difference"][metric][c]
+            assert est["low"] > 0 and forward["verdict"][metric][c] == "near better"
+            assert backward["difference"][metric][c]["value"] == pytest.approx(-est["value"])
+            assert backward["verdict"][metric][c] == "near better"
+    with pytest.raises(ValueError, match=r"pair \(far, rl\): no row named rl"):
+        bootstrap_scores(real, {"far": far}, n_boot=2, pairs=[("far", "rl")])
+
+
 def test_split_half_floor_is_small_for_real_vs_real():
     gen = torch.Generator().manual_seed(5)
     real = {c: torch.randn(30, 6, generator=gen) for c in ("A", "B")}

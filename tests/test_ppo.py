@@ -148,7 +148,6 @@ def test_advantages_per_class_and_ddp_equivalent() -> None:
     assert float(clipped.abs().max()) <= 0.5
 
 
-
 def test_batch_relative_advantages_stay_centred_as_the_reward_rises() -> None:
     """stat_buffer=0: every iteration's advantages are centred per class, even when all rewards rose."""
     labels = torch.tensor([0, 1] * 4)

@@ -113,6 +113,23 @@ def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[st
             for c in cols
         ]
         lines += [f"Resolution (half-width of the standard − RL FID interval): {', '.join(res)}.", ""]
+    if iv.get("pairs"):
+        labels = {m["key"]: m["label"] for m in models}
+        body = [
+            [
+                f"{labels.get(pair['a'], pair['a'])} − {labels.get(pair['b'], pair['b'])}",
+                metric.upper(),
+                *(
+                    f"{fmt_est(pair['difference'][metric][c], scale=KID_SCALE if metric == 'kid' else 1.0)}"
+                    f" — {pair['verdict'][metric][c]}"
+                    for c in cols
+                ),
+            ]
+            for pair in iv["pairs"]
+            for metric in ("fid", "kid")
+        ]
+        lines += ["Paired differences between rows (a − b; positive: b scores lower):", ""]
+        lines += md_table(["Rows", "Metric", *cols], body) + [""]
     body = [
         [
             metric.upper(),

@@ -89,6 +89,15 @@ def gap_share(standard: float, rl: float, limit: float) -> float:
     return 100.0 * (standard - rl) / gap
 
 
+def pair_verdict(a: str, b: str, est: Mapping[str, float]) -> str:
+    """Plain words for the interval of a − b: which row scores lower (better), if the interval excludes 0."""
+    if math.isfinite(est["low"]) and est["low"] > 0:
+        return f"{b} better"
+    if math.isfinite(est["high"]) and est["high"] < 0:
+        return f"{a} better"
+    return VERDICT_NONE
+
+
 def verdict(low: float, high: float) -> str:
     """Plain words for the interval of standard − RL (positive = RL has the lower, better score)."""
     if math.isfinite(low) and low > 0:
@@ -183,6 +192,7 @@ def bootstrap_scores(
     level: float = 0.95,
     comparison: tuple[str, str, str] = ("standard", "rl", "vqgan"),
     rows_per_volume: int = 1,
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Point values and percentile intervals of FID and KID per model and column (classes + ``All``).
 
@@ -191,7 +201,9 @@ def bootstrap_scores(
     the share of the gap closed, with a verdict per metric and column. Returns
     ``{"n_boot", "level", "scores": {metric: {model: {col: est}}}, "difference", "gap_closed", "verdict",
     "gap"}`` where ``est = {"value", "low", "high"}`` (``gap``: standard − limit). ``rows_per_volume``: a
-    2D extractor's rows per volume (its slices); whole volumes are resampled.
+    2D extractor's rows per volume (its slices); whole volumes are resampled. ``pairs``: extra ``(a, b)`` rows
+    to compare, e.g. two RL variants: ``out["pairs"]`` lists each with the interval of a − b per metric and
+    column (positive: b scores lower, i.e. better) from the same resamples of the real set.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -238,6 +250,33 @@ def bootstrap_scores(
             p, d = point[metric], draws[metric]
             gap = {c: [a - g for a, g in zip(d[std][c], d[limit][c])] for c in cols}
             out["gap"][metric] = {c: _estimate(p[std][c] - p[limit][c], gap[c], level) for c in cols}
+    out["pairs"] = []
+    for a, b in pairs:
+        missing = [k for k in (a, b) if k not in fake]
+        if missing:
+            raise ValueError(f"pair ({a}, {b}): no row named {', '.join(missing)} (rows: {', '.join(fake)})")
+        p, d = point, draws
+        difference = {
+            metric: {
+                c: _estimate(
+                    p[metric][a][c] - p[metric][b][c],
+                    [x - y for x, y in zip(d[metric][a][c], d[metric][b][c])],
+                    level,
+                )
+                for c in cols
+            }
+            for metric in METRICS
+        }
+        out["pairs"].append(
+            {
+                "a": a,
+                "b": b,
+                "difference": difference,
+                "verdict": {
+                    metric: {c: pair_verdict(a, b, difference[metric][c]) for c in cols} for metric in METRICS
+                },
+            }
+        )
     if all(k in fake for k in comparison):
         out["difference"], out["gap_closed"], out["verdict"] = {}, {}, {}
         for metric in METRICS:

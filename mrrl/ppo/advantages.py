@@ -22,7 +22,9 @@ from mrrl.errors import ConfigError
 class PerClassRewardNormalizer:
     def __init__(self, num_classes: int, buffer_size: int = 256, min_count: int = 8, clip: float = 5.0):
         if int(buffer_size) < 0:
-            raise ConfigError(f"stage.reward.stat_buffer must be >= 0 (0: the current batch), got {buffer_size}")
+            raise ConfigError(
+                f"stage.reward.stat_buffer must be >= 0 (0: the current batch), got {buffer_size}"
+            )
         self.num_classes = int(num_classes)
         self.buffer_size = int(buffer_size)
         self.min_count = int(min_count)

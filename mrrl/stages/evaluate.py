@@ -127,6 +127,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         print(f"evaluate: missing row — {reason}")
     if not specs:
         raise ManifestError("nothing to evaluate:\n  " + "\n  ".join(missing.values()))
+    check_pairs(cfg, [spec.key for spec in specs])
 
     device = generation_device(cfg, fabric)
     datamodule = build_datamodule(cfg).prepare()
@@ -287,6 +288,29 @@ def evaluate_row(spec: ModelSpec, ctx: VolumeContext, scorer: Scorer, made: Volu
     return model, rows, produced.volumes, features
 
 
+def interval_pairs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``stage.intervals.pairs``: the ``[a, b]`` rows whose paired difference a − b gets an interval."""
+    pairs = []
+    for i, pair in enumerate(cfg.stage.intervals.pairs or []):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ConfigError(
+                f"stage.intervals.pairs[{i}]={list(pair)}: give two different row names, [a, b]"
+            )
+        pairs.append((str(pair[0]), str(pair[1])))
+    return pairs
+
+
+def check_pairs(cfg: DictConfig, rows: list[str]) -> None:
+    """Before any sampling: every paired row must be one this run fills."""
+    for a, b in interval_pairs(cfg):
+        unknown = [k for k in (a, b) if k not in rows]
+        if unknown:
+            raise ConfigError(
+                f"stage.intervals.pairs: no row named {', '.join(unknown)}; this run's rows: {', '.join(rows)} "
+                "(add one with +stage.extra_models.<name>=<checkpoint>)"
+            )
+
+
 def uncertainty(cfg: DictConfig, scorer: Scorer, features, calibration) -> dict[str, Any]:
     """Bootstrap intervals (FID, KID, RL−standard difference, gap closed, verdicts), the split-half floor
     and the paper's premises, per extractor; the premises are judged on the headline extractor."""
@@ -298,7 +322,9 @@ def uncertainty(cfg: DictConfig, scorer: Scorer, features, calibration) -> dict[
         fake = {key: per_ext[e.name] for key, per_ext in features.items()}
         r = e.rows_per_volume()
         t0 = time.monotonic()
-        intervals[e.name] = bootstrap_scores(real, fake, n_boot, seed, level, rows_per_volume=r)
+        intervals[e.name] = bootstrap_scores(
+            real, fake, n_boot, seed, level, rows_per_volume=r, pairs=interval_pairs(cfg)
+        )
         floors[e.name] = split_half_floor(real, int(iv.floor_splits), seed, level, rows_per_volume=r)
         print(f"evaluate: {e.name}: {n_boot} bootstrap resamples in {time.monotonic() - t0:.1f} s")
     headline = str(cfg.stage.metrics.headline_extractor)
