@@ -7,12 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_brats
 from helpers import TINY_DATA, check_wandb_run, compose_cfg, run_mrrl, stage_dir, tiny_checkpoints
 
 from mrrl.errors import ConfigError, ManifestError
+from mrrl.evaluation.real_sets import real_class_set
 from mrrl.reward.dataset import load_reward_dataset
 from mrrl.stages import reward_data as reward_data_stage
+from mrrl.training.runtime import build_datamodule
+from mrrl.vqgan.loading import load_vqgan
 
 STEPS = [
     "stage.synthetic_steps=[2,8]",
@@ -104,9 +108,41 @@ def test_rerun_after_interruption_regenerates_nothing_finished(
     assert [g["fid"] for g in again["groups"]] == pytest.approx([g["fid"] for g in first["groups"]])
 
 
+def test_fade_groups_are_dimmed_reconstructions_down_to_a_blank_volume(setup: dict, tmp_path: Path) -> None:
+
+    cfg = cfg_for(
+        setup,
+        tmp_path,
+        "stage.synthetic_steps=[2]",
+        "stage.reconstruction_steps=[1]",
+        "stage.fade_levels=[0,50]",
+    )
+    outputs = reward_data_stage.run(cfg, stage_dir(cfg))
+    fade = {g["group"]: g for g in outputs["groups"] if g["trajectory"] == "fade"}
+    assert sorted(fade) == ["fade-0-HGG", "fade-0-LGG", "fade-50-HGG", "fade-50-LGG"]
+    assert all(np.isfinite(g["fid"]) for g in fade.values())
+    dataset = load_reward_dataset(outputs["dataset_dir"])
+    by_group = {}
+    for i, row in enumerate(dataset.rows):
+        by_group.setdefault(row["id"].rsplit("-", 1)[0], []).append(i)
+    blank = np.stack([dataset[i]["image"].numpy() for i in by_group["fade-0-HGG"]])
+    assert np.all(blank == -1.0)  # 0 % of the contrast kept: the background everywhere
+    vqgan = load_vqgan(setup["ckpts"]["vqgan"])
+    volumes, ids = real_class_set(build_datamodule(cfg).prepare(), "train", "HGG")
+    i = by_group["fade-50-HGG"][0]
+    source = volumes[ids.index(dataset.rows[i]["source_id"])]
+    with torch.no_grad():
+        recon = vqgan.reconstruct(source[None]).float().clamp(-1, 1)[0]
+    expected = -1.0 + 0.5 * (recon + 1.0)  # half the contrast above the background (float16 on disk)
+    np.testing.assert_allclose(dataset[i]["image"].numpy(), expected.numpy(), atol=2e-3)
+
+
 def test_bad_steps_and_missing_inputs_are_clear_errors(setup: dict, tmp_path: Path) -> None:
     cfg = cfg_for(setup, tmp_path, "stage.reconstruction_steps=[1,9]")
     with pytest.raises(ConfigError, match="reconstruction_steps"):
+        reward_data_stage.run(cfg, stage_dir(cfg))
+    cfg = cfg_for(setup, tmp_path, "stage.fade_levels=[100]")
+    with pytest.raises(ConfigError, match=r"fade_levels \[100\]: each is the % of contrast kept"):
         reward_data_stage.run(cfg, stage_dir(cfg))
     cfg = compose_cfg(
         ["stage=reward_data", "data=brats2019", f"data.root={setup['data']}", *TINY_DATA], tmp_path

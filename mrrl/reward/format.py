@@ -20,7 +20,7 @@ MANIFEST_FILE = "manifest.csv"
 GROUPS_FILE = "groups.csv"
 META_FILE = "reward_data.json"
 STATE_FILE = "writer_state.json"
-TRAJECTORIES = ("synthetic", "reconstruction")
+TRAJECTORIES = ("synthetic", "reconstruction", "fade")
 DTYPES = ("float16", "float32")
 MANIFEST_COLUMNS = (
     "index",

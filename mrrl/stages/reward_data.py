@@ -1,11 +1,16 @@
 """Stage 3, ``mrrl stage=reward_data``: the self-supervised reward dataset (paper §3.2–3.3).
 
-Two families of volumes, one group per (trajectory, steps, class):
+Families of volumes, one group per (trajectory, steps, class):
 
 * *synthetic*: denoise pure noise with S inference steps (few steps = poor quality);
 * *reconstruction*: noise a real training volume's latent to the level of t inference steps (out of
   ``reconstruction_num_steps``) and denoise it back (t = 1 is almost the VQGAN reconstruction, t = 99 is
-  almost a fresh sample) — the volumes that fill the gap between the diffusion model and the VQGAN limit.
+  almost a fresh sample) — the volumes that fill the gap between the diffusion model and the VQGAN limit;
+* *fade* (optional, ``fade_levels``): VQGAN reconstructions of real training volumes faded towards the
+  background, keeping L % of their contrast (0 = a blank volume). Neither family above contains a dark or
+  empty volume, so reward models trained on them alone extrapolate there, and on the demo they score a blank
+  volume above every sample of the diffusion model: a direction PPO finds within a few iterations
+  (docs/rl.md). With these groups, the FID of such volumes labels them like every other group.
 
 Each group's FID against the real training volumes of its class becomes the reward of all its volumes
 (best group 1, worst 0, within a class by default). Finished groups are never regenerated: rerunning after
@@ -55,7 +60,7 @@ FID_FILE = "group_fids.json"
 
 @dataclass(frozen=True)
 class Group:
-    trajectory: str  # "synthetic" | "reconstruction"
+    trajectory: str  # "synthetic" | "reconstruction" | "fade"
     steps: int
     class_name: str
     label: int
@@ -75,12 +80,16 @@ def plan_groups(stage: Mapping[str, Any], class_names: Sequence[str]) -> list[Gr
         )
     if any(int(s) < 1 for s in stage["synthetic_steps"]):
         raise ConfigError("stage.synthetic_steps must be positive")
+    fade = [int(level) for level in stage["fade_levels"] or []]
+    if any(not 0 <= level < 100 for level in fade):
+        raise ConfigError(f"stage.fade_levels {fade}: each is the % of contrast kept, in 0..99")
     groups = []
     for label, name in enumerate(class_names):
         groups += [Group("synthetic", int(s), name, label) for s in sorted(stage["synthetic_steps"])]
         groups += [
             Group("reconstruction", int(t), name, label) for t in sorted(stage["reconstruction_steps"])
         ]
+        groups += [Group("fade", level, name, label) for level in sorted(fade, reverse=True)]
     if len(groups) < 2 * len(class_names):
         raise ConfigError("the reward dataset needs at least two groups per class: give more steps")
     return groups
@@ -98,9 +107,17 @@ class GroupGenerator:
     """Makes the volumes of one group with the frozen diffusion model and VQGAN."""
 
     def __init__(
-        self, loaded, vqgan, stage: Mapping[str, Any], device: torch.device, rank: int = 0, world: int = 1
+        self,
+        loaded,
+        vqgan,
+        stage: Mapping[str, Any],
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        background: float = -1.0,
     ):
         self.loaded = loaded
+        self.background = float(background)
         self.vqgan = vqgan
         self.stage = stage
         self.device = device
@@ -172,6 +189,16 @@ class GroupGenerator:
         return torch.cat(volumes), [real_ids[i] for i in picks]
 
     @torch.no_grad()
+    def fade(self, group: Group, real: torch.Tensor, real_ids: Sequence[str], n: int):
+        """VQGAN reconstructions of real volumes (cycling through the class) keeping ``group.steps`` % of
+        their contrast above the background: ``bg + L/100 · (x̂ − bg)``."""
+        order = torch.randperm(len(real), generator=self._generator(group)).tolist()
+        picks = [order[i % len(order)] for i in self.share(n)]
+        recon = self.vqgan_limit(real[picks])
+        keep = group.steps / 100.0
+        return self.background + keep * (recon - self.background), [real_ids[i] for i in picks]
+
+    @torch.no_grad()
     def vqgan_limit(self, real: torch.Tensor) -> torch.Tensor:
         out = [
             self.vqgan.reconstruct(real[i : i + self.batch_size].to(self.device)).float().clamp(-1, 1).cpu()
@@ -195,7 +222,7 @@ def _fid_plot(
     classes = list(dict.fromkeys(g["class"] for g in groups))
     fig, axes = plt.subplots(1, len(classes), figsize=(4.5 * len(classes), 3.4), squeeze=False)
     for ax, name in zip(axes[0], classes):
-        for trajectory, marker in (("synthetic", "o-"), ("reconstruction", "s-")):
+        for trajectory, marker in (("synthetic", "o-"), ("reconstruction", "s-"), ("fade", "^-")):
             pts = sorted(
                 (g["steps"], g["fid"]) for g in groups if g["class"] == name and g["trajectory"] == trajectory
             )
@@ -204,7 +231,7 @@ def _fid_plot(
         if name in limits:
             ax.axhline(limits[name], color="k", ls="--", lw=1, label="VQGAN reconstruction limit")
         ax.set_title(name)
-        ax.set_xlabel("denoising steps")
+        ax.set_xlabel("denoising steps (fade: % of contrast kept)")
         ax.set_ylabel(f"FID ({extractor})")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -264,7 +291,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         raise ConfigError(
             f"the diffusion model knows classes {loaded.class_names}, the data {datamodule.class_names}"
         )
-    maker = GroupGenerator(loaded, vqgan, stage, device, rank, world)
+    background = float(cfg.data.intensity_range[0])  # the preprocessed background value
+    maker = GroupGenerator(loaded, vqgan, stage, device, rank, world, background)
 
     metrics = stage["metrics"]
     extractor = build_extractor(
@@ -315,6 +343,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         t0 = time.monotonic()
         if group.trajectory == "synthetic":
             volumes, sources = maker.synthetic(group, n)
+        elif group.trajectory == "fade":
+            volumes, sources = maker.fade(group, real, ids, n)
         else:
             volumes, sources = maker.reconstruction(group, real, ids, n)
         volumes, sources = gather_share(fabric, volumes, sources, n)
