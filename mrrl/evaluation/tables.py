@@ -139,7 +139,7 @@ def headline_section(results: Mapping[str, Any], heading: str = "##") -> list[st
     ]
     halves = ", ".join(f"{c} {floor['fid'][c]['n_half']}" for c in cols)
     lines += [
-        f"Noise floor: real vs real, two random halves of the test split ({halves} volumes per half; "
+        f"Noise floor: real vs real, two random halves of the {results.get('split', 'test')} split ({halves} volumes per half; "
         "mean and range over random splits):",
         "",
     ]
@@ -195,7 +195,7 @@ def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
     counts = ", ".join(f"{c} {real_n[c]}" for c in cols if c in real_n)
     lines = [f"# {title}: FID per class (lower is better)", ""]
     lines.append(
-        f"Real reference: the test split ({counts}). FID values are only comparable within one "
+        f"Real reference: the {results.get('split', 'test')} split ({counts}). FID values are only comparable within one "
         "extractor identity and volume size."
     )
     lines += headline_section(results)
@@ -223,7 +223,7 @@ def render_markdown(results: Mapping[str, Any], title: str = "Table 2") -> str:
     body = [[m["label"], *(fmt(m.get("diversity", {}).get(c)) for c in cols)] for m in models]
     real_div = results.get("real", {}).get("diversity")
     if real_div:
-        body.append(["Real test set", *(fmt(real_div.get(c)) for c in cols)])
+        body.append([f"Real {results.get('split', 'test')} set", *(fmt(real_div.get(c)) for c in cols)])
     lines += md_table(["Model", *cols], body)
     if results.get("missing"):
         lines += ["", "## Missing rows", ""]
