@@ -38,7 +38,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("PPO", "KL to the pretrained model", "line", "ppo", ("ppo/kl", "ppo/approx_kl"), PPO_ITERATION),
     Panel("PPO", "Clip fraction", "line", "ppo", ("ppo/clip_fraction",), PPO_ITERATION),
     Panel("PPO", "PPO samples", "media", "ppo", ("ppo/samples",)),
-    # Reward data: FID against sampler steps, both trajectories, with the VQGAN limit as a line.
+    # Reward data: FID against sampler steps per trajectory (fade: % of contrast kept), with the VQGAN limit.
     Panel(
         "Reward data",
         "FID vs sampler steps",
@@ -47,6 +47,7 @@ PANELS: tuple[Panel, ...] = (
         (
             "reward_data/fid/synthetic/{cls}",
             "reward_data/fid/reconstruction/{cls}",
+            "reward_data/fid/fade/{cls}",
             "reward_data/vqgan_limit/{cls}",
         ),
         SAMPLER_STEPS,

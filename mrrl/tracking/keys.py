@@ -2,7 +2,7 @@
 
 Keys are templates: ``{cls}`` is a class name (HGG, LGG, AD, CN), ``{model}`` an evaluated row (``vqgan``,
 ``standard``, ``rl``), ``{reward}`` a PPO reward model (``total``, ``r3d``, ``r2d``), ``{trajectory}`` a reward
-data trajectory (``synthetic``, ``reconstruction``). The helpers of :mod:`mrrl.tracking.wandb_run` build the
+data trajectory (``synthetic``, ``reconstruction``, ``fade``). The helpers of :mod:`mrrl.tracking.wandb_run` build the
 keys they log from these templates; the dashboard (:mod:`mrrl.dashboard.spec`) may only plot keys named here,
 and the tests check that the stages really log them.
 """
