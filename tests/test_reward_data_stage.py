@@ -116,8 +116,11 @@ def test_fade_groups_are_dimmed_reconstructions_down_to_a_blank_volume(setup: di
         "stage.synthetic_steps=[2]",
         "stage.reconstruction_steps=[1]",
         "stage.fade_levels=[0,50]",
+        "logger=wandb",
     )
     outputs = reward_data_stage.run(cfg, stage_dir(cfg))
+    run = check_wandb_run(stage_dir(cfg), "reward_data", "default/reward_data", ["HGG", "LGG"])
+    assert {"reward_data/fid/fade/HGG", "reward_data/fid/fade/LGG"} <= run.keys  # the dashboard's fade curve
     fade = {g["group"]: g for g in outputs["groups"] if g["trajectory"] == "fade"}
     assert sorted(fade) == ["fade-0-HGG", "fade-0-LGG", "fade-50-HGG", "fade-50-LGG"]
     assert all(np.isfinite(g["fid"]) for g in fade.values())

@@ -68,6 +68,7 @@ STAGES: dict[str, StageKeys] = {
         tables=("reward_data/groups",),
         axis_globs=("reward_data/fid/*", "reward_data/reward/*", "reward_data/vqgan_limit/*"),
         images_on_axis=False,
+        optional=("reward_data/fid/fade/{cls}",),  # only with stage.fade_levels
     ),
     "reward": StageKeys(
         axis=STEP,
