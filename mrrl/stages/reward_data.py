@@ -155,6 +155,12 @@ class GroupGenerator:
         )
         return volumes, [""] * n
 
+    def _sources(self, n_real: int, n: int, generator: torch.Generator) -> list[int]:
+        """This rank's share of a group's source volumes: a shuffle of the class's real volumes, cycled to n
+        (drawn identically on every rank)."""
+        order = torch.randperm(n_real, generator=generator).tolist()
+        return [order[i % len(order)] for i in self.share(n)]
+
     @torch.no_grad()
     def reconstruction(self, group: Group, real: torch.Tensor, real_ids: Sequence[str], n: int):
         """Noise the latents of real volumes (cycling through the class) t steps and denoise back.
@@ -162,8 +168,7 @@ class GroupGenerator:
         The sources of all ``n`` volumes are drawn the same way on every rank; this rank makes its share.
         """
         generator = self._generator(group)
-        order = torch.randperm(len(real), generator=generator).tolist()
-        picks = [order[i % len(order)] for i in self.share(n)]
+        picks = self._sources(len(real), n, generator)
         if self.world > 1:
             generator = self._generator(group, per_rank=True)
         volumes = []
@@ -192,8 +197,7 @@ class GroupGenerator:
     def fade(self, group: Group, real: torch.Tensor, real_ids: Sequence[str], n: int):
         """VQGAN reconstructions of real volumes (cycling through the class) keeping ``group.steps`` % of
         their contrast above the background: ``bg + L/100 · (x̂ − bg)``."""
-        order = torch.randperm(len(real), generator=self._generator(group)).tolist()
-        picks = [order[i % len(order)] for i in self.share(n)]
+        picks = self._sources(len(real), n, self._generator(group))
         recon = self.vqgan_limit(real[picks])
         keep = group.steps / 100.0
         return self.background + keep * (recon - self.background), [real_ids[i] for i in picks]
