@@ -5,7 +5,10 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
+TEST_STAMP  := $(VENV)/.installed-test
 PYTEST_ARGS ?=
+# pytest-xdist workers; whole test files go to one worker (--dist loadfile), so module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo lint clean
 
@@ -18,8 +21,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The tests also run the Optuna sweeper and the submitit (SLURM) launcher: their extras go in the test venv.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,sweep,slurm]"
+	touch $(TEST_STAMP)
+
+test: install $(TEST_STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/mrrl-pipeline experiment=demo

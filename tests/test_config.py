@@ -34,10 +34,13 @@ def _compose(overrides: list[str]):
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_combination_composes_and_instantiates(tmp_path: Path, data: str) -> None:
-    """data × stage × trainer × logger: the DataModule, loggers and Trainer arguments build for each."""
+    """data × stage × trainer, each with one logger: the DataModule, loggers and Trainer arguments build for
+    each. The logger cycles, so every (data, logger), (stage, logger) and (trainer, logger) pair is built at a
+    third of the full product's composition time (a Hydra compose is ~0.25 s)."""
     accepted = set(inspect.signature(L.Trainer.__init__).parameters)
     built_trainers: set[str] = set()
-    combos = itertools.product(options("stage"), options("trainer"), options("logger"))
+    loggers = itertools.cycle(options("logger"))
+    combos = [(s, t, next(loggers)) for s, t in itertools.product(options("stage"), options("trainer"))]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         configs = [
             (

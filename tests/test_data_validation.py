@@ -168,17 +168,83 @@ def test_unreadable_case_folder_and_file_say_permission(tmp_path: Path, monkeypa
     assert "permission denied" in checks.read_error(PermissionError(13, "Permission denied"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode")
-def test_real_permissions(tmp_path: Path) -> None:
-    root = small_brats(tmp_path / "brats", n=2, modalities=("flair",))
+NOBODY = 65534  # uid/gid of `nobody`: the permission test's reader when the suite runs as root
+
+
+def locked_cohort(base: Path) -> tuple[Path, Path, Path]:
+    """A cohort whose HGG case folder and one LGG file have mode 0: (root, locked folder, locked file)."""
+    root = small_brats(base / "brats", n=2, modalities=("flair",))
     case_dir = case_file(root, "HGG", 0, "flair").parent
     unreadable = case_file(root, "LGG", 0, "flair")
     case_dir.chmod(0)
     unreadable.chmod(0)
+    return root, case_dir, unreadable
+
+
+def _problems_in_child(root: Path, work: Path, connection) -> None:
     try:
-        lines = problems_of(datamodule(root, tmp_path))
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        except PermissionError as exc:
+            connection.send(("no setuid", str(exc)))
+            return
+        connection.send(("ok", problems_of(datamodule(root, work))))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent's assertion
+        connection.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
-        case_dir.chmod(0o755)
+        connection.close()
+
+
+def problems_as_nobody(root: Path, work: Path) -> list[str]:
+    """The validator's lines for ``root`` from a forked child that dropped to ``nobody`` (root reads every
+    file whatever its mode, so a suite running as root checks real permissions through an unprivileged
+    reader). Forked, not exec'd: the interpreter may live where ``nobody`` cannot run it (/root/.pyenv)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_problems_in_child, args=(root, work, send))
+    child.start()
+    send.close()
+    status, payload = receive.recv() if receive.poll(120) else ("error", "no answer within 120 s")
+    child.join(30)
+    if status == "no setuid":  # a container without CAP_SETUID: no unprivileged reader to be had
+        pytest.skip(f"running as root and cannot switch to uid {NOBODY}: {payload}")
+    assert status == "ok", payload
+    return payload
+
+
+def test_real_permissions(tmp_path: Path) -> None:
+    """Real modes, no mocks: as a normal user directly; as root through a child process running as nobody."""
+    if os.geteuid() != 0:
+        root, case_dir, unreadable = locked_cohort(tmp_path)
+        try:
+            lines = problems_of(datamodule(root, tmp_path))
+        finally:
+            case_dir.chmod(0o755)
+    else:
+        import shutil
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="mrrl-permissions-"))  # pytest's tmp_path is root-only (0700)
+        try:
+            base.chmod(0o755)
+            work = base / "work"
+            work.mkdir()
+            os.chown(work, NOBODY, NOBODY)
+            root, case_dir, unreadable = locked_cohort(base)
+            for path in root.rglob("*"):  # everything else readable by others, whatever the umask
+                if path not in (case_dir, unreadable) and case_dir not in path.parents:
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+            root.chmod(0o755)
+            lines = problems_as_nobody(root, work)
+        finally:
+            for path in (case_dir, base):
+                if path.exists():
+                    path.chmod(0o755)
+            shutil.rmtree(base, ignore_errors=True)
     assert "permission denied" in only(lines, f"{case_dir}:")
     assert "permission denied" in only(lines, str(unreadable))
 
