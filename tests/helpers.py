@@ -118,6 +118,16 @@ def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 1
     return {"vqgan": str(vq_path), "diffusion": str(diff_path)}
 
 
+def zero_the_loss(module) -> None:
+    """The mutation each case must catch: loss × 0 before the backward pass, optimiser steps still taken."""
+    if module.automatic_optimization:
+        step = module.training_step
+        module.training_step = lambda *args, **kwargs: step(*args, **kwargs) * 0.0
+    else:
+        backward = module.manual_backward
+        module.manual_backward = lambda loss, *args, **kwargs: backward(loss * 0.0, *args, **kwargs)
+
+
 def run_mrrl(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:

@@ -5,8 +5,8 @@ step) and measures a deterministic score of that batch in eval mode before and a
 at most ``ratio`` × its starting value. Each case also runs with the module's loss multiplied by 0 before the
 backward pass (the optimiser still steps, the quantiser's EMA and BatchNorm statistics still update): that
 run must *not* reach the margin, so the margin measures learning from the loss, not a side effect.
-PPO's own learning test (a toy reward with a known optimum) is ``tests/test_ppo.py``; its zeroed-loss twin
-is at the end of this file.
+PPO's learning test (a toy reward with a known optimum, through the Trainer) and its zeroed-loss twin are
+``tests/test_ppo.py::test_ppo_raises_a_toy_reward_with_bounded_kl``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_VQGAN, compose_cfg
+from helpers import TINY_VQGAN, compose_cfg, zero_the_loss
 from torch.utils.data import DataLoader, Dataset
 
 from mrrl.classify.model import ClassifierModule
@@ -61,16 +61,6 @@ def volumes(n: int = 4, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor,
     return torch.where(ball, texture.clamp(-0.8, 1), torch.tensor(-1.0)), labels
 
 
-def zero_the_loss(module: L.LightningModule) -> None:
-    """The mutation each case must catch: loss × 0 before the backward pass, optimiser steps still taken."""
-    if module.automatic_optimization:
-        step = module.training_step
-        module.training_step = lambda *args, **kwargs: step(*args, **kwargs) * 0.0
-    else:
-        backward = module.manual_backward
-        module.manual_backward = lambda loss, *args, **kwargs: backward(loss * 0.0, *args, **kwargs)
-
-
 def fit(module: L.LightningModule, batch: Mapping[str, Any], steps: int, root: Path, datamodule=None) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
@@ -84,7 +74,9 @@ def fit(module: L.LightningModule, batch: Mapping[str, Any], steps: int, root: P
         limit_val_batches=0,
         default_root_dir=str(root),
     )
-    if datamodule is not None:  # the module needs its own datamodule (diffusion reads the latent scale from it)
+    if (
+        datamodule is not None
+    ):  # the module needs its own datamodule (diffusion reads the latent scale from it)
         datamodule.train_dataloader = lambda: DataLoader(FixedBatch(batch, steps), batch_size=None)
         trainer.fit(module, datamodule=datamodule)
     else:
@@ -145,9 +137,7 @@ def diffusion_case(root: Path):
     )  # fmt: skip
     datamodule = LatentDataModule(cache, 4, None, False, 3, 0, 0, 0)
     torch.manual_seed(0)
-    module = DiffusionModule(
-        (2, 4, 4, 4), CLASSES, diffusion_stage.settings(cfg), vqgan_ckpt=None, seed=0
-    )
+    module = DiffusionModule((2, 4, 4, 4), CLASSES, diffusion_stage.settings(cfg), vqgan_ckpt=None, seed=0)
     batch = {"latent": latents[:4], "label": labels[:4]}
     noise = torch.randn(latents[:4].shape, generator=gen)
     timesteps = torch.tensor([50, 300, 600, 900])
@@ -156,7 +146,9 @@ def diffusion_case(root: Path):
     def loss(m: DiffusionModule) -> float:  # fixed noise and timesteps; the scale factor fit start computed
         if float(m.scale_factor) <= 0:
             m.set_scale_factor(1.0 / float(latents[:4].std(unbiased=False)))
-        return float(m.eval().diffusion_loss(batch["latent"], batch["label"], noise=noise, timesteps=timesteps))
+        return float(
+            m.eval().diffusion_loss(batch["latent"], batch["label"], noise=noise, timesteps=timesteps)
+        )
 
     return module, batch, loss, datamodule
 
@@ -169,12 +161,20 @@ def reward_case(kind: str):
             "no_max_pool": True, "weights_path": None,
         }  # fmt: skip
         if kind == "r2d":
-            net.update({"slices_per_volume": 4, "central_fraction": 1.0, "eval_slices": "all", "slice_chunk": 64})
+            net.update(
+                {"slices_per_volume": 4, "central_fraction": 1.0, "eval_slices": "all", "slice_chunk": 64}
+            )
         module = RewardModule(
             kind=kind,
             image_shape=(1, SIZE, SIZE, SIZE),
             net=net,
-            optim={"lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "scheduler": "none", "min_lr": 0.0},
+            optim={
+                "lr": 3e-3,
+                "betas": [0.9, 0.999],
+                "weight_decay": 0.0,
+                "scheduler": "none",
+                "min_lr": 0.0,
+            },
             ranking={"kind": "logistic", "margin": 0.1, "scale": 1.0},
             ranking_weight=0.1,
             slice_targets=kind == "r2d",
