@@ -3,6 +3,14 @@
 ``--cfg job|hydra|all [--resolve]`` prints the composed config and exits, as a Hydra app does; a typo in
 an override gets Hydra's message (exit status 1, no traceback), a bad value the config checks' one line.
 
+Overrides reach the stages three ways:
+- ``data.image_size=64``, ``seed=1``, ...: every stage;
+- ``<stage>.<key>=<value>`` (e.g. ``ppo.train.lr=1e-5``, ``vqgan.trainer.max_epochs=2``; also with ``+``/``~``):
+  that stage only, as its ``stage.<key>``;
+- ``stage.<key>=<value>`` (e.g. ``stage.trainer.max_epochs=1``): every stage of the pipeline whose config has
+  the key.
+A key that no stage (or not the named stage) has is an error before anything runs.
+
 Each stage runs as its own ``python -m mrrl stage=<name>`` process (a clean process per stage, and
 Lightning's DDP can re-execute it), finds its inputs in the previous stages' manifests, is skipped when
 its manifest says it finished (unless ``pipeline.force=true``) and resumes from its last checkpoint when
@@ -58,7 +66,8 @@ def show_config(overrides: Sequence[str], which: str, resolve: bool = False) -> 
     """``--cfg job|hydra|all``, as a Hydra app prints it."""
     if which not in CFG_CHOICES:
         raise UsageError(f"--cfg takes one of {', '.join(CFG_CHOICES)}, got {which!r}")
-    cfg = _compose_or_explain(overrides, return_hydra_config=which != "job")
+    pipeline_overrides = [o for o in overrides if not _is_stage_override(o)]  # the stages' own: see run_pipeline
+    cfg = _compose_or_explain(pipeline_overrides, return_hydra_config=which != "job")
     if which == "hydra":
         cfg = cfg.hydra
     elif which == "job" and "hydra" in cfg:
@@ -66,23 +75,118 @@ def show_config(overrides: Sequence[str], which: str, resolve: bool = False) -> 
     return OmegaConf.to_yaml(cfg, resolve=resolve)
 
 
+def _override_key(override: str) -> tuple[str, str]:
+    """(prefix, dotted key) of a Hydra override: ``+a.b=1`` → ("+", "a.b"); ``~a.b`` → ("~", "a.b")."""
+    body = override.split("=", 1)[0]
+    stripped = body.lstrip("+~")
+    return body[: len(body) - len(stripped)], stripped
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    missing = object()
+    return OmegaConf.select(cfg, dotted, default=missing) is not missing
+
+
+def _is_stage_override(override: str) -> bool:
+    """``stage.<key>…`` or ``<stage name>.<key>…`` (no stage is named like a top-level config key:
+    tests/test_cli.py checks it)."""
+    from mrrl.stages import STAGES
+
+    head, dot, _ = _override_key(override)[1].partition(".")
+    return bool(dot) and (head == "stage" or head in STAGES)
+
+
+def split_overrides(
+    overrides: Sequence[str], stages: Sequence[str]
+) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(shared, per-stage, for-every-stage-that-has-it) overrides of a pipeline command line.
+
+    ``<stage>.<key>=v`` becomes ``stage.<key>=v`` of that stage; ``stage.<key>=v`` is returned apart, to be
+    given to every stage whose config has the key; ``stage=`` and ``pipeline.*`` belong to the pipeline itself
+    and are dropped.
+    """
+    from mrrl.stages import STAGES
+
+    shared: list[str] = []
+    per_stage: dict[str, list[str]] = {name: [] for name in stages}
+    every_stage: list[str] = []
+    for override in overrides:
+        prefix, key = _override_key(override)
+        head, _, rest = key.partition(".")
+        if key == "stage" or head == "pipeline":
+            continue
+        if head == "stage" and rest:
+            every_stage.append(override)
+        elif head in STAGES and rest:
+            if head not in per_stage:
+                raise UsageError(
+                    f"{override}: '{head}' is not a stage of this pipeline (stages: {', '.join(stages)})"
+                )
+            per_stage[head].append(prefix + "stage." + override[len(prefix) + len(head) + 1 :])
+        else:
+            shared.append(override)
+    return shared, per_stage, every_stage
+
+
+def stage_overrides(cfg: DictConfig, overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Shared overrides and each stage's own, checked against each stage's composed config before any stage
+    runs: a key the named stage (or, for ``stage.<key>``, every stage) lacks is a :class:`UsageError`."""
+    stages = list(cfg.pipeline.stages)
+    shared, per_stage, every_stage = split_overrides(overrides, stages)
+    if not every_stage and not any(per_stage.values()):
+        return shared, per_stage
+    for name in stages:
+        base = _compose_or_explain([*shared, f"stage={name}"])
+        generic = []
+        for override in per_stage[name]:
+            prefix, key = _override_key(override)
+            if prefix != "+" and not _has_key(base, key):
+                raise UsageError(
+                    f"{name}.{key[len('stage.'):]}: stage {name} has no key {key} "
+                    f"(see `mrrl stage={name} --cfg job`; add a new key with +{name}.…)"
+                )
+        for override in every_stage:
+            prefix, key = _override_key(override)
+            if prefix == "+":
+                raise UsageError(f"{override}: adding a key to every stage is ambiguous; write +<stage>.… instead")
+            if _has_key(base, key):
+                generic.append(override)
+        per_stage[name] = generic + per_stage[name]  # the stage's own override comes last: it wins
+        if per_stage[name]:  # the stage's config as its process will compose it: grammar, keys, values
+            _check(_compose_or_explain([*shared, f"stage={name}", *per_stage[name]]))
+    for override in every_stage:
+        key = _override_key(override)[1]
+        if not any(override in per_stage[name] for name in stages):
+            raise UsageError(
+                f"{override}: no stage of this pipeline ({', '.join(stages)}) has the key {key}; "
+                "a stage's own setting is written <stage>.<key>=<value>, e.g. ppo.train.lr=1e-5"
+            )
+    return shared, per_stage
+
+
 def _format_elapsed(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-def run_pipeline(overrides: Sequence[str]) -> int:
+def _check(cfg: DictConfig) -> None:
+    """The config checks' one line (types, ranges, writable paths) as a usage error."""
     from mrrl.config_checks import check_config
     from mrrl.errors import ConfigError
 
-    cfg = _compose_or_explain(overrides)
     try:
         check_config(cfg)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def run_pipeline(overrides: Sequence[str]) -> int:
+    # The pipeline's own config: without the per-stage overrides, which only the named stage's config has.
+    cfg = _compose_or_explain([o for o in overrides if not _is_stage_override(o)])
+    _check(cfg)
     stages = list(cfg.pipeline.stages)
     force = bool(cfg.pipeline.force)
-    stage_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("pipeline.", "stage="))]
+    shared, per_stage = stage_overrides(cfg, overrides)
     experiment_dir = Path(cfg.paths.run_root) / cfg.experiment_name
     print(
         f"mrrl-pipeline: experiment '{cfg.experiment_name}' → {experiment_dir} ({len(stages)} stages)",
@@ -96,7 +200,7 @@ def run_pipeline(overrides: Sequence[str]) -> int:
             continue
         t0 = time.monotonic()
         print(f"{prefix} running ...", flush=True)
-        status = run_child([sys.executable, "-m", "mrrl", f"stage={stage}", *stage_overrides])
+        status = run_child([sys.executable, "-m", "mrrl", f"stage={stage}", *shared, *per_stage[stage]])
         elapsed = _format_elapsed(time.monotonic() - t0)
         if status != 0:
             print(f"{prefix} FAILED after {elapsed} (exit {status}); rerun to resume", flush=True)
