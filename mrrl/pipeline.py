@@ -66,7 +66,8 @@ def show_config(overrides: Sequence[str], which: str, resolve: bool = False) -> 
     """``--cfg job|hydra|all``, as a Hydra app prints it."""
     if which not in CFG_CHOICES:
         raise UsageError(f"--cfg takes one of {', '.join(CFG_CHOICES)}, got {which!r}")
-    pipeline_overrides = [o for o in overrides if not _is_stage_override(o)]  # the stages' own: see run_pipeline
+    # Without the stages' own overrides, as run_pipeline composes it.
+    pipeline_overrides = [o for o in overrides if not _is_stage_override(o)]
     cfg = _compose_or_explain(pipeline_overrides, return_hydra_config=which != "job")
     if which == "hydra":
         cfg = cfg.hydra
@@ -142,13 +143,15 @@ def stage_overrides(cfg: DictConfig, overrides: Sequence[str]) -> tuple[list[str
             prefix, key = _override_key(override)
             if prefix != "+" and not _has_key(base, key):
                 raise UsageError(
-                    f"{name}.{key[len('stage.'):]}: stage {name} has no key {key} "
+                    f"{name}.{key[len('stage.') :]}: stage {name} has no key {key} "
                     f"(see `mrrl stage={name} --cfg job`; add a new key with +{name}.…)"
                 )
         for override in every_stage:
             prefix, key = _override_key(override)
             if prefix == "+":
-                raise UsageError(f"{override}: adding a key to every stage is ambiguous; write +<stage>.… instead")
+                raise UsageError(
+                    f"{override}: adding a key to every stage is ambiguous; write +<stage>.… instead"
+                )
             if _has_key(base, key):
                 generic.append(override)
         per_stage[name] = generic + per_stage[name]  # the stage's own override comes last: it wins
