@@ -295,7 +295,17 @@ _SMOKE_NETS = {
         "stage.r2d.slices_per_volume=2",
     ],
     "ppo": ["stage.sample.batch_size=2", "stage.probe.every=0"],
-    "evaluate": ["stage.num_steps=2", "stage.metrics.extractor_options.random2d.slice_size=16"],
+    "evaluate": [
+        "stage.num_steps=2",
+        "stage.metrics.extractor_options.random2d.slice_size=16",
+        # The instrument's checks at test size (tests/test_evaluate_stage.py TINY_CALIBRATION): the same code
+        # paths, not 2 × 500 bootstrap resamples and a 100-step ladder (13 of the smoke run's 20 s of evaluate).
+        "stage.calibration.ladder_steps=[0,2]",
+        "stage.calibration.ladder_num_steps=4",
+        "stage.calibration.synthetic_steps=[2,4]",
+        "stage.intervals.n_boot=20",
+        "stage.intervals.floor_splits=4",
+    ],
     "classify": ["stage.arch=resnet10", "stage.net.widen_factor=0.25", "stage.num_steps=2"],
 }
 

@@ -5,8 +5,9 @@ step) and measures a deterministic score of that batch in eval mode before and a
 at most ``ratio`` × its starting value. Each case also runs with the module's loss multiplied by 0 before the
 backward pass (the optimiser still steps, the quantiser's EMA and BatchNorm statistics still update): that
 run must *not* reach the margin, so the margin measures learning from the loss, not a side effect.
-PPO's learning test (a toy reward with a known optimum, through the Trainer) and its zeroed-loss twin are
-``tests/test_ppo.py::test_ppo_raises_a_toy_reward_with_bounded_kl``.
+PPO's learning test (a toy reward with a known optimum, through the Trainer) is
+``tests/test_ppo.py::test_ppo_raises_a_toy_reward_with_bounded_kl``; its zeroed-loss twin
+(``test_a_zeroed_ppo_loss_leaves_the_policy_untouched``) shows the policy does not move at all without the loss.
 """
 
 from __future__ import annotations
