@@ -214,12 +214,13 @@ def test_rerun_resumes_from_last_checkpoint(vqgan_run: dict, tmp_path: Path) -> 
 
 
 def test_ddp_ranks_share_one_scale_factor_from_all_reduced_shards(vqgan_run: dict, tmp_path: Path) -> None:
-    """Two gloo processes (ddp_spawn: in-process safe): each rank's moments cover only its half of the
-    training latents, so the stored scale factor equals 1/std of *all* of them only if the all-reduce ran."""
+    """Two gloo processes (ddp_fork: in-process safe, and the ranks inherit the imported modules instead of
+    importing them again as spawned ones do): each rank's moments cover only its half of the training latents,
+    so the stored scale factor equals 1/std of *all* of them only if the all-reduce ran."""
     cfg = diffusion_cfg(
         vqgan_run,
         "trainer=ddp_cpu",
-        "trainer.strategy=ddp_spawn",
+        "trainer.strategy=ddp_fork",
         "stage.trainer.max_epochs=1",
         "stage.sample_every_n_epochs=0",
         "logger=none",

@@ -360,7 +360,7 @@ def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoin
         max_epochs=1,
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",  # in-process safe; the forked ranks inherit the imports (spawned ones redo them)
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
