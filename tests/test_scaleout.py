@@ -131,6 +131,24 @@ def test_strategy_and_device_parsing() -> None:
     assert local_processes({"devices": "auto", "accelerator": "cpu"}) == 1
 
 
+@pytest.mark.parametrize(
+    "name, start_method",
+    [("ddp", "popen"), ("ddp_spawn", "spawn"), ("ddp_fork", "fork"), ("ddp_notebook", "fork")],
+)
+def test_gan_stages_get_ddp_with_unused_parameters_however_ranks_start(name: str, start_method: str) -> None:
+    """The VQGAN's two optimisers each leave parameters without gradients: every DDP flavour gets
+    ``find_unused_parameters`` and keeps its way of starting ranks; other strategies pass through."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from mrrl.training.trainer import _strategy
+
+    strategy = _strategy({"strategy": name}, find_unused_parameters=True)
+    assert isinstance(strategy, DDPStrategy) and strategy._start_method == start_method
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert _strategy({"strategy": name}, find_unused_parameters=False) == name
+    assert _strategy({"strategy": "fsdp"}, find_unused_parameters=True) == "fsdp"
+
+
 def test_cli_multirun_with_plain_ddp_is_refused_before_any_rank_starts(
     data_root: Path, tmp_path: Path
 ) -> None:

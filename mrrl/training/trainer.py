@@ -51,14 +51,17 @@ def already_finished(cfg: DictConfig, run_dir: Path) -> bool:
     return False
 
 
+# Lightning's DDP strategy names and how each starts its ranks.
+DDP_START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
 def _strategy(kwargs: dict[str, Any], find_unused_parameters: bool) -> Any:
     """DDP needs ``find_unused_parameters`` when optimisers alternate over parts of the model (GANs)."""
     strategy = kwargs.get("strategy", "auto")
-    if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn") and find_unused_parameters:
+    if isinstance(strategy, str) and strategy in DDP_START_METHODS and find_unused_parameters:
         from lightning.pytorch.strategies import DDPStrategy
 
-        start_method = "spawn" if strategy == "ddp_spawn" else "popen"
-        return DDPStrategy(find_unused_parameters=True, start_method=start_method)
+        return DDPStrategy(find_unused_parameters=True, start_method=DDP_START_METHODS[strategy])
     return strategy
 
 
