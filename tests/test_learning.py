@@ -75,9 +75,8 @@ def fit(module: L.LightningModule, batch: Mapping[str, Any], steps: int, root: P
         limit_val_batches=0,
         default_root_dir=str(root),
     )
-    if (
-        datamodule is not None
-    ):  # the module needs its own datamodule (diffusion reads the latent scale from it)
+    # A module that needs its own datamodule (diffusion reads the latent scale from it) gets it, serving the batch.
+    if datamodule is not None:
         datamodule.train_dataloader = lambda: DataLoader(FixedBatch(batch, steps), batch_size=None)
         trainer.fit(module, datamodule=datamodule)
     else:
@@ -136,7 +135,10 @@ def diffusion_case(root: Path):
          "class_names": CLASSES},
         cache,
     )  # fmt: skip
-    datamodule = LatentDataModule(cache, 4, None, False, 3, 0, 0, 0)
+    datamodule = LatentDataModule(
+        cache, batch_size=4, eval_batch_size=None, balanced=False, num_val_timesteps=3, val_seed=0, seed=0,
+        num_workers=0,
+    )  # fmt: skip
     torch.manual_seed(0)
     module = DiffusionModule((2, 4, 4, 4), CLASSES, diffusion_stage.settings(cfg), vqgan_ckpt=None, seed=0)
     batch = {"latent": latents[:4], "label": labels[:4]}
