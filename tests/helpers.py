@@ -35,6 +35,14 @@ TINY_VQGAN = [
     "stage.trainer.check_val_every_n_epoch=1",
 ]
 
+TINY_UNET = [  # the smallest diffusion UNet: 2 levels of 8 channels, no attention
+    "stage.unet.channels=[8,8]",
+    "stage.unet.attention_levels=[false,false]",
+    "stage.unet.num_res_blocks=1",
+    "stage.unet.num_head_channels=8",
+    "stage.unet.norm_num_groups=8",
+]
+
 
 def compose_cfg(overrides: Sequence[str], run_root: Path) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -84,11 +92,7 @@ def tiny_checkpoints(root: Path, class_names: Sequence[str], image_size: int = 1
     diff_cfg = compose_cfg(
         [
             "stage=diffusion",
-            "stage.unet.channels=[8,8]",
-            "stage.unet.attention_levels=[false,false]",
-            "stage.unet.num_res_blocks=1",
-            "stage.unet.num_head_channels=8",
-            "stage.unet.norm_num_groups=8",
+            *TINY_UNET,
             "stage.ema.decay=0.999",
             "stage.optim.lr=1e-3",
         ],
@@ -126,6 +130,23 @@ def zero_the_loss(module) -> None:
     else:
         backward = module.manual_backward
         module.manual_backward = lambda loss, *args, **kwargs: backward(loss * 0.0, *args, **kwargs)
+
+
+def bare_trainer(root: Path, **kwargs):
+    """A CPU Trainer with nothing around the loop (no logger, checkpoints, progress bar or sanity check) unless
+    ``kwargs`` say otherwise."""
+    import lightning as L
+
+    bare = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(root),
+    }
+    return L.Trainer(**{**bare, **kwargs})
 
 
 def run_mrrl(

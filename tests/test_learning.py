@@ -21,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_VQGAN, compose_cfg, zero_the_loss
+from helpers import TINY_UNET, TINY_VQGAN, bare_trainer, compose_cfg, zero_the_loss
 from torch.utils.data import DataLoader, Dataset
 
 from mrrl.classify.model import ClassifierModule
@@ -63,18 +63,7 @@ def volumes(n: int = 4, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor,
 
 
 def fit(module: L.LightningModule, batch: Mapping[str, Any], steps: int, root: Path, datamodule=None) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(root),
-    )
+    trainer = bare_trainer(root, devices=1, max_steps=steps, limit_val_batches=0)
     # A module that needs its own datamodule (diffusion reads the latent scale from it) gets it, serving the batch.
     if datamodule is not None:
         datamodule.train_dataloader = lambda: DataLoader(FixedBatch(batch, steps), batch_size=None)
@@ -114,11 +103,7 @@ def diffusion_case(root: Path):
     cfg = compose_cfg(
         [
             "stage=diffusion",
-            "stage.unet.channels=[8,8]",
-            "stage.unet.attention_levels=[false,false]",
-            "stage.unet.num_res_blocks=1",
-            "stage.unet.num_head_channels=8",
-            "stage.unet.norm_num_groups=8",
+            *TINY_UNET,
             "stage.optim.lr=2e-3",
             "stage.optim.warmup_steps=0",
             "stage.cfg_dropout=0.0",

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import tiny_checkpoints, zero_the_loss
+from helpers import bare_trainer, tiny_checkpoints, zero_the_loss
 from lightning.pytorch.loggers import CSVLogger
 
 from mrrl.diffusion.generate import load_diffusion
@@ -205,20 +205,6 @@ def test_ratio_is_exactly_one_on_an_unchanged_policy(checkpoints, buffer_dtype: 
         assert torch.equal(ratio, torch.ones_like(ratio)), (j, (ratio - 1).abs().max())
 
 
-def ppo_trainer(tmp_path: Path, iterations: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=iterations,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
-
-
 def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) -> None:
     """PPO's learning test: its own ``training_step`` through a Trainer raises a reward with a known optimum
     (``test_a_zeroed_ppo_loss_leaves_the_policy_untouched`` shows only the loss can)."""
@@ -241,7 +227,7 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(checkpoints, tmp_path: Path) ->
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rewards.append(float(trainer.callback_metrics["ppo/reward_mean"]))
 
-    trainer = ppo_trainer(tmp_path, 24, [Track()])
+    trainer = bare_trainer(tmp_path, max_epochs=24, callbacks=[Track()])
     trainer.fit(module)
     assert int(module.iterations) == 24 and int(module.skipped_updates) == 0
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
@@ -264,24 +250,16 @@ def test_a_zeroed_ppo_loss_leaves_the_policy_untouched(checkpoints, tmp_path: Pa
     module._frozen["vqgan"] = UpsamplingDecoder()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     zero_the_loss(module)
-    ppo_trainer(tmp_path, 3).fit(module)
+    bare_trainer(tmp_path, max_epochs=3).fit(module)
     assert int(module.iterations) == 3 and int(module.skipped_updates) == 0
     after = module.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch) -> None:
+def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch, tmp_path: Path) -> None:
     """Memory does not grow with K: each timestep's loss is backpropagated before the next is built."""
     module = make_module(checkpoints, sample={"num_steps": 6})
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=1)
     alive: list[int] = []
     live = {"graphs": 0}
     original_backward = module.manual_backward
@@ -303,19 +281,11 @@ def test_only_one_timestep_graph_is_alive(checkpoints, monkeypatch) -> None:
     assert max(alive) == 1
 
 
-def test_non_finite_update_is_skipped(checkpoints) -> None:
+def test_non_finite_update_is_skipped(checkpoints, tmp_path: Path) -> None:
     module = make_module(checkpoints)
     module.reward_fn = lambda v: {"total": torch.full((v.shape[0],), float("nan"))}
     before = [p.detach().clone() for p in module.policy.parameters()]
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=1)
     trainer.fit(module)
     assert int(module.skipped_updates) > 0
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.parameters()))
@@ -356,17 +326,12 @@ def test_two_process_ddp_gathers_rewards_and_normalises_like_one_batch(checkpoin
     )
     module.reward_fn = mean_intensity_reward
     module.record_dir = str(tmp_path)
-    trainer = L.Trainer(
+    trainer = bare_trainer(
+        tmp_path,
         max_epochs=1,
-        accelerator="cpu",
         devices=2,
         strategy="ddp_fork",  # in-process safe; the forked ranks inherit the imports (spawned ones redo them)
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
-        default_root_dir=str(tmp_path),
     )
     trainer.fit(module)
     r0, r1 = (torch.load(tmp_path / f"rank{r}_it0.pt", weights_only=False) for r in (0, 1))
@@ -411,17 +376,7 @@ def test_adaptive_kl_is_applied_and_logged_in_training(checkpoints, tmp_path: Pa
 
 
 def _trainer(tmp_path: Path, epochs: int, logger=False) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=logger,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
+    return bare_trainer(tmp_path, max_epochs=epochs, logger=logger, log_every_n_steps=1)
 
 
 def test_a_lightning_checkpoint_rebuilds_the_typed_settings(checkpoints, tmp_path: Path) -> None:
