@@ -88,13 +88,17 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     return OmegaConf.select(cfg, dotted, default=missing) is not missing
 
 
-def _is_stage_override(override: str) -> bool:
-    """``stage.<key>…`` or ``<stage name>.<key>…`` (no stage is named like a top-level config key:
-    tests/test_cli.py checks it)."""
+def _stage_target(override: str) -> str | None:
+    """``"stage"`` for ``stage.<key>…``, the stage's name for ``<stage name>.<key>…``, else None (no stage is
+    named like a top-level config key: tests/test_cli.py checks it)."""
     from mrrl.stages import STAGES
 
     head, dot, _ = _override_key(override)[1].partition(".")
-    return bool(dot) and (head == "stage" or head in STAGES)
+    return head if dot and (head == "stage" or head in STAGES) else None
+
+
+def _is_stage_override(override: str) -> bool:
+    return _stage_target(override) is not None
 
 
 def split_overrides(
@@ -106,24 +110,22 @@ def split_overrides(
     given to every stage whose config has the key; ``stage=`` and ``pipeline.*`` belong to the pipeline itself
     and are dropped.
     """
-    from mrrl.stages import STAGES
-
     shared: list[str] = []
     per_stage: dict[str, list[str]] = {name: [] for name in stages}
     every_stage: list[str] = []
     for override in overrides:
         prefix, key = _override_key(override)
-        head, _, rest = key.partition(".")
-        if key == "stage" or head == "pipeline":
+        target = _stage_target(override)
+        if key == "stage" or key.partition(".")[0] == "pipeline":
             continue
-        if head == "stage" and rest:
+        if target == "stage":
             every_stage.append(override)
-        elif head in STAGES and rest:
-            if head not in per_stage:
+        elif target is not None:
+            if target not in per_stage:
                 raise UsageError(
-                    f"{override}: '{head}' is not a stage of this pipeline (stages: {', '.join(stages)})"
+                    f"{override}: '{target}' is not a stage of this pipeline (stages: {', '.join(stages)})"
                 )
-            per_stage[head].append(prefix + "stage." + override[len(prefix) + len(head) + 1 :])
+            per_stage[target].append(prefix + "stage." + override[len(prefix) + len(target) + 1 :])
         else:
             shared.append(override)
     return shared, per_stage, every_stage

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT, make_brats
 
 
@@ -75,8 +76,6 @@ def test_missing_root_and_unknown_stage_messages(tmp_path: Path) -> None:
 def run_pipeline_in_process(capfd, *args: str) -> tuple[int, str]:
     """``mrrl-pipeline <args>`` in this process (the stages still run as their own processes): exit status and
     everything printed, the stages' output included."""
-    import pytest
-
     from mrrl import pipeline
 
     with pytest.raises(SystemExit) as info:
@@ -186,8 +185,6 @@ def test_pipeline_gives_each_stage_its_own_overrides(tmp_path: Path, monkeypatch
 
 
 def test_pipeline_override_of_a_key_no_stage_has_is_one_clear_line(tmp_path: Path, capsys) -> None:
-    import pytest
-
     from mrrl import pipeline
 
     base = ["experiment=demo", f"paths.run_root={tmp_path}"]
